@@ -1,0 +1,88 @@
+"""Typed configuration of the model and of training, with the paper's values as defaults.
+
+A config is saved as JSON in every run directory, so a run can be reloaded without guessing
+its shape; the ``galaxyvae train`` options are generated from these dataclasses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the VAE. Defaults are the paper's: 69x69 pixels, z 8-dimensional, two hidden
+    layers of 128 ReLU units in both encoder g and decoder f."""
+
+    image_size: int = field(default=69, metadata={"help": "side of the square images in pixels"})
+    latent_dim: int = field(default=8, metadata={"help": "dimension of z"})
+    hidden: int = field(default=128, metadata={"help": "units per hidden layer"})
+    hidden_layers: int = field(default=2, metadata={"help": "hidden layers in encoder and decoder"})
+    arch: str = field(default="mlp", metadata={"help": "architecture", "choices": ["mlp"]})
+
+
+@dataclass
+class TrainConfig:
+    """How to fit the model by stochastic variational inference."""
+
+    epochs: int = field(default=100, metadata={"help": "passes over the training split"})
+    batch_size: int = field(default=128, metadata={"help": "images per gradient step"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Adam step size"})
+    seed: int = field(default=0, metadata={"help": "seed of initialisation, batching and noise"})
+    mc_samples: int = field(default=1, metadata={"help": "reparameterised samples of z per image (k)"})
+    augment: bool = field(default=False, metadata={"help": "random flips and 90-degree rotations"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON-ready data."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """Inverse of ``to_dict``; unknown keys raise ValueError naming them."""
+        return _from_dict(cls, data)
+
+
+def _from_dict(cls, data: dict[str, Any]):
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown setting(s) {', '.join(sorted(unknown))}")
+    values = {}
+    for name, value in data.items():
+        sub = known[name].default_factory if dataclasses.is_dataclass(known[name].default_factory) else None
+        values[name] = _from_dict(sub, value) if sub is not None and isinstance(value, dict) else value
+    return cls(**values)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """Add one ``--option`` per field of the dataclass ``cls`` (nested dataclasses flattened).
+
+    Booleans become ``--flag`` / ``--no-flag``; defaults and help come from the fields.
+    """
+    for f in fields(cls):
+        if dataclasses.is_dataclass(f.default_factory):
+            add_config_arguments(parser, f.default_factory)
+            continue
+        option = "--" + f.name.replace("_", "-")
+        default = f.default
+        kwargs = {"default": default, "help": f"{f.metadata.get('help', '')} (default: {default})"}
+        if isinstance(default, bool):
+            parser.add_argument(option, action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            parser.add_argument(option, type=type(default), choices=f.metadata.get("choices"), **kwargs)
+
+
+def config_from_arguments(args: argparse.Namespace, cls):
+    """Build the dataclass ``cls`` from parsed arguments made by ``add_config_arguments``."""
+    values = {}
+    for f in fields(cls):
+        if dataclasses.is_dataclass(f.default_factory):
+            values[f.name] = config_from_arguments(args, f.default_factory)
+        else:
+            values[f.name] = getattr(args, f.name)
+    return cls(**values)
