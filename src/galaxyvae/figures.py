@@ -2,16 +2,86 @@
 
 All images are shown with an asinh stretch, the astronomer's compromise between a
 linear scale (faint outskirts vanish) and a log scale (noise dominates).
+
+The module has two layers. ``plot_*`` functions take plain arrays and return a matplotlib
+Figure (tested on synthetic arrays); ``make_run_figures`` loads a trained run, computes
+the arrays and writes RUN_DIR/figures/*.png. What each figure shows is in ``FIGURES``
+(also used as captions by the HTML report) and in docs/figures.md.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from galaxyvae._io import atomic_path
+from galaxyvae.errors import InputError, OutputExistsError
 
+log = logging.getLogger(__name__)
+
+IMAGE_CMAP = "gray"
+SIGMA_CMAP = "viridis"
+FAMILY_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
+                  "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+BASELINE_NAMES = ("gaussian", "sersic")
+BASELINE_LABELS = {"gaussian": "Gaussian", "sersic": "S\u00e9rsic"}
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """A figure of a run: its file name under RUN_DIR/figures, its title and its caption."""
+
+    name: str
+    title: str
+    caption: str
+
+
+FIGURES = (
+    FigureSpec(
+        "conditional.png", "Conditional distributions of held-out galaxies",
+        "Each row is a held-out galaxy. Left to right: the input image x; the mean f_mu(z) of the model's "
+        "conditional distribution p(x|z) for one z drawn from the approximate posterior q(z|x); the paper's "
+        "baseline, a scaled bivariate Gaussian density fitted to x (x-hat); and the per-pixel standard "
+        "deviation sqrt(f_sigma(z)) for the same z (f_sigma is a variance). The first three panels of a row "
+        "share one asinh colour scale in data units, so brightness can be compared directly."),
+    FigureSpec(
+        "tsne.png", "t-SNE embedding of the latent means of held-out galaxies",
+        "A two-dimensional t-SNE embedding of the latent means g_mu(x) of the held-out galaxies. Every "
+        "galaxy is a dot; galaxies whose thumbnails do not overlap are drawn as their own image (each with "
+        "its own asinh stretch) at their position. Dot and frame colours give the morphological family "
+        "where the data set has labels. Nearby galaxies have similar latent codes; t-SNE preserves "
+        "neighbourhoods, not distances between far-apart groups."),
+    FigureSpec(
+        "traversals.png", "Latent traversals",
+        "f_mu(z) for z on a one-at-a-time design: in row i, latent dimension z_i steps from -3 to +3 prior "
+        "standard deviations while the others stay at zero; the centre column (framed) is f_mu(0) in every "
+        "row. All panels share one asinh colour scale, so changes in brightness are visible as well as in "
+        "shape."),
+    FigureSpec(
+        "samples.png", "New galaxies sampled from the prior",
+        "f_mu(z) for z drawn from the prior N(0, I): galaxies the model generates that are in no data set. "
+        "All panels share one asinh colour scale."),
+    FigureSpec(
+        "training.png", "Training curves",
+        "Left: the training loss (negative ELBO, mean nats per image) per epoch. Right: the ELBO of the "
+        "held-out images per epoch (higher is better), with the training split's ELBO (minus the loss) "
+        "dashed for comparison; the marked epoch is the best held-out ELBO, whose weights are best.pt."),
+    FigureSpec(
+        "differences.png", "Per-image differences, VAE against the parametric fits",
+        "Histograms over held-out images of the VAE's advantage over each baseline fit. Top: MSE(VAE) - "
+        "MSE(fit), where f_mu(g_mu(x)) is the VAE reconstruction (negative: the VAE fits better). Bottom: "
+        "log N(x; f_mu, f_sigma) - max over sigma of log N(x; x-hat, sigma^2 I), in nats (positive: the VAE "
+        "assigns the image higher probability). The shaded side is where the VAE wins; the win fraction "
+        "is printed. Horizontal axes are symmetric-logarithmic: linear near zero, logarithmic beyond."),
+)
+FIGURE_BY_NAME = {spec.name: spec for spec in FIGURES}
+
+
+# --- colour scales ---------------------------------------------------------------------------
 
 def asinh_stretch(images: np.ndarray, softening: float | None = None, lower_percentile: float = 1.0,
                   upper_percentile: float = 99.8) -> np.ndarray:
@@ -31,6 +101,59 @@ def asinh_stretch(images: np.ndarray, softening: float | None = None, lower_perc
     return stretched.astype(np.float32)
 
 
+def asinh_norm(images: np.ndarray, softening: float | None = None, lower_percentile: float = 10.0,
+               upper_percentile: float = 99.8):
+    """A matplotlib AsinhNorm for ``images`` (any shape, data units), so colour bars read in data units.
+
+    The colour scale runs from the ``lower_percentile`` to the ``upper_percentile`` of the pixels
+    and is linear within +-``softening`` of zero (the sky level of sky-subtracted images),
+    logarithmic beyond. The default lower end, the 10th percentile, sits about one noise sigma
+    below the sky in a stamp that is mostly sky, so the sky looks dark but its noise stays
+    visible. Default softening: a fiftieth of the range between the percentiles, which keeps
+    faint outskirts visible next to a bright core.
+    """
+    from matplotlib.colors import AsinhNorm
+
+    lo, hi = (float(v) for v in np.percentile(np.asarray(images, dtype=np.float64), [lower_percentile,
+                                                                                      upper_percentile]))
+    if hi <= lo:
+        hi = lo + max(abs(lo), 1e-12)
+    softening = softening if softening is not None else 0.02 * (hi - lo)
+    return AsinhNorm(linear_width=softening, vmin=lo, vmax=hi)
+
+
+def asinh_ticks(norm, per_side: int = 3) -> list[float]:
+    """Readable colour-bar ticks for an AsinhNorm: zero (if inside the range) and up to ``per_side``
+    round values per sign, half a decade apart, all outside the linear core so labels do not collide."""
+    lo, hi, width = norm.vmin, norm.vmax, norm.linear_width
+    ticks = [0.0] if lo <= 0 <= hi else []
+    for end in (hi, lo):
+        if end == 0:
+            continue
+        value = _round_towards_zero(end)
+        for _ in range(per_side):
+            if abs(value) < 2 * width:
+                break
+            ticks.append(value)
+            value = _round_towards_zero(value / np.sqrt(10))
+    return sorted(set(ticks))
+
+
+def _round_towards_zero(value: float) -> float:
+    """``value`` rounded towards zero to two significant figures."""
+    scale = 10 ** (np.floor(np.log10(abs(value))) - 1)
+    return float(np.trunc(value / scale) * scale)
+
+
+def _colour_bar(fig, mappable, ax, label: str, **kwargs):
+    bar = fig.colorbar(mappable, ax=ax, pad=0.01, label=label, **kwargs)
+    bar.set_ticks(asinh_ticks(mappable.norm), labels=[f"{t:.2g}" for t in asinh_ticks(mappable.norm)])
+    bar.ax.minorticks_off()
+    return bar
+
+
+# --- saving ----------------------------------------------------------------------------------
+
 def save_figure(fig, out: str | Path, dpi: int = 110) -> Path:
     """Save a matplotlib figure to ``out`` (PNG) atomically and close it."""
     import matplotlib.pyplot as plt
@@ -42,6 +165,29 @@ def save_figure(fig, out: str | Path, dpi: int = 110) -> Path:
     return out
 
 
+def _pyplot():
+    import matplotlib
+
+    if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo"):
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _bare(ax) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _show(ax, image: np.ndarray, norm, cmap: str = IMAGE_CMAP):
+    """Draw one (H, W) image with north up (origin lower) and no ticks; return the AxesImage."""
+    _bare(ax)
+    return ax.imshow(image, cmap=cmap, norm=norm, origin="lower", interpolation="nearest")
+
+
+# --- data-set contact sheets -----------------------------------------------------------------
+
 def contact_sheet(images: np.ndarray, out: str | Path, labels=None, title: str = "", columns: int = 8,
                   per_image_stretch: bool = True) -> Path:
     """Draw ``images`` (N, H, W) as a grid of asinh-stretched thumbnails into the PNG ``out``.
@@ -49,10 +195,7 @@ def contact_sheet(images: np.ndarray, out: str | Path, labels=None, title: str =
     labels: optional N strings drawn under each thumbnail (e.g. family or object id).
     per_image_stretch: stretch each image on its own percentiles (True) or on the sheet's.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     images = np.asarray(images)
     n = len(images)
@@ -89,3 +232,342 @@ def dataset_sheet(dataset, out: str | Path, n: int = 64, seed: int = 0, by_famil
     labels = [fam or oid for fam, oid in zip(families[index], np.asarray(dataset.metadata["object_id"])[index])]
     title = f"{dataset.path.name if dataset.path else 'data set'}: {len(index)} of {len(dataset)} images (asinh stretch)"
     return contact_sheet(dataset.images[index], out, labels=labels, title=title, columns=columns)
+
+
+# --- the paper's figures, from arrays --------------------------------------------------------
+
+def plot_conditional(inputs: np.ndarray, means: np.ndarray, variances: np.ndarray, fits: np.ndarray,
+                     labels=None, units: str = "data units", fit_name: str = "Gaussian fit"):
+    """Rows of held-out galaxies: x, f_mu(z), the baseline fit x-hat, and sqrt(f_sigma(z)).
+
+    inputs, means, fits: (N, H, W) in data units (x, f_mu(z) for one z ~ q(z|x), x-hat)
+    variances:           (N, H, W) per-pixel variance f_sigma(z), data units squared;
+                         drawn as its square root, the standard deviation, on a linear scale
+    labels:              optional N strings naming each row (object id, family)
+    Returns the Figure: per row four image axes and two colour-bar axes.
+    """
+    plt = _pyplot()
+    from matplotlib.colors import Normalize
+
+    inputs, means, variances, fits = (np.asarray(a, dtype=np.float32) for a in (inputs, means, variances, fits))
+    if not inputs.shape == means.shape == variances.shape == fits.shape or inputs.ndim != 3:
+        raise ValueError("plot_conditional: inputs, means, variances and fits must share one (N, H, W) shape")
+    n = len(inputs)
+    fig, axes = plt.subplots(n, 4, figsize=(10.2, 2.25 * n + 0.6), squeeze=False, layout="constrained")
+    column_titles = ("input x", "$f_\\mu(z)$,  $z \\sim q(z|x)$", f"{fit_name} $\\hat{{x}}$",
+                     "$\\sqrt{f_\\sigma(z)}$: per-pixel s.d.")
+    for row in range(n):
+        norm = asinh_norm(inputs[row])
+        for col, image in enumerate((inputs[row], means[row], fits[row])):
+            shown = _show(axes[row, col], image, norm)
+        _colour_bar(fig, shown, axes[row, :3], units, shrink=0.9)
+        sigma = np.sqrt(np.clip(variances[row], 0, None))
+        sigma_shown = _show(axes[row, 3], sigma, Normalize(vmin=0, vmax=max(float(sigma.max()), 1e-30)),
+                            cmap=SIGMA_CMAP)
+        fig.colorbar(sigma_shown, ax=axes[row, 3], shrink=0.9, pad=0.01, label=f"s.d., {units}")
+        if labels is not None:
+            axes[row, 0].set_ylabel(str(labels[row]), fontsize=8)
+    for col, title in enumerate(column_titles):
+        axes[0, col].set_title(title, fontsize=10)
+    fig.suptitle("Conditional distributions $p(x|z) = \\mathcal{N}(f_\\mu(z), f_\\sigma(z))$ of held-out "
+                 "galaxies (asinh stretch)", fontsize=11)
+    return fig
+
+
+def tsne_embedding(latent_means: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A 2-D t-SNE embedding (sklearn, seeded) of latent means (N, d); returns (N, 2) float64.
+
+    Perplexity is 30 as usual, lowered to (N - 1) / 3 for small N.
+    """
+    from sklearn.manifold import TSNE
+
+    latent_means = np.asarray(latent_means, dtype=np.float64)
+    n = len(latent_means)
+    if n < 4:
+        raise InputError(f"t-SNE needs at least 4 galaxies, got {n}")
+    perplexity = min(30.0, (n - 1) / 3)
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(latent_means)
+
+
+def non_overlapping(points: np.ndarray, size: float, seed: int = 0) -> np.ndarray:
+    """Indices of a subset of ``points`` (N, 2) no two of which are closer than ``size`` in both
+    coordinates (squares of side ``size`` centred there do not overlap), chosen greedily in a
+    seeded random order. Returns sorted int indices."""
+    points = np.asarray(points, dtype=np.float64)
+    order = np.random.default_rng(seed).permutation(len(points))
+    kept: list[int] = []
+    for i in order:
+        if not kept or np.abs(points[kept] - points[i]).max(axis=1).min() >= size:
+            kept.append(i)
+    return np.sort(np.asarray(kept, dtype=int))
+
+
+def plot_tsne(embedding: np.ndarray, thumbnails: np.ndarray, families=None, thumbnails_across: int = 24,
+              seed: int = 0, title: str = ""):
+    """Galaxies at their t-SNE positions, drawn as their own asinh-stretched thumbnails.
+
+    embedding:  (N, 2) t-SNE coordinates (arbitrary units)
+    thumbnails: (N, H, W) the galaxies' images (data units)
+    families:   optional N labels; dots and thumbnail frames are coloured by label, with a legend
+    thumbnails_across: thumbnail size as a fraction of the plot's width (1 / thumbnails_across);
+                only galaxies whose thumbnails would not overlap are drawn as thumbnails
+    Returns the Figure (one axes).
+    """
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    embedding = np.asarray(embedding, dtype=np.float64)
+    thumbnails = np.asarray(thumbnails)
+    n = len(embedding)
+    if embedding.shape != (n, 2) or len(thumbnails) != n:
+        raise ValueError("plot_tsne: embedding must be (N, 2) and thumbnails (N, H, W) for the same N")
+    labels = np.asarray(families if families is not None else np.full(n, ""), dtype=str)
+    names = sorted(set(labels))
+    labelled = names != [""]
+    colour_of = {name: FAMILY_COLOURS[i % len(FAMILY_COLOURS)] if labelled else "0.3"
+                 for i, name in enumerate(names)}
+    colours = [colour_of[label] for label in labels]
+
+    fig, ax = plt.subplots(figsize=(12, 12), layout="constrained")
+    ax.scatter(embedding[:, 0], embedding[:, 1], s=8, c=colours, alpha=0.7, linewidths=0)
+    span = np.ptp(embedding, axis=0)
+    span[span == 0] = 1.0
+    thumb_inches = 11.0 / thumbnails_across
+    zoom = thumb_inches * 72 / thumbnails.shape[-1]
+    # 1.1: room for each thumbnail's frame and padding
+    shown = non_overlapping(embedding / span, 1.1 / thumbnails_across, seed)
+    for i in shown:
+        image = OffsetImage(asinh_stretch(thumbnails[i]), cmap=IMAGE_CMAP, zoom=zoom, origin="lower",
+                            interpolation="nearest")
+        ax.add_artist(AnnotationBbox(image, embedding[i], frameon=True, pad=0.08,
+                                     bboxprops={"edgecolor": colour_of[labels[i]],
+                                                "linewidth": 2.0 if labelled else 0.5}))
+    margin = 0.04 * np.ptp(embedding, axis=0).max()
+    ax.set_xlim(embedding[:, 0].min() - margin, embedding[:, 0].max() + margin)
+    ax.set_ylim(embedding[:, 1].min() - margin, embedding[:, 1].max() + margin)
+    _bare(ax)
+    ax.set_xlabel("t-SNE 1 (arbitrary units)")
+    ax.set_ylabel("t-SNE 2 (arbitrary units)")
+    if labelled:
+        handles = [Line2D([], [], marker="s", linestyle="", markersize=10, markerfacecolor="white",
+                          markeredgewidth=2.5, markeredgecolor=colour_of[name],
+                          label=f"{name or 'unlabelled'} ({(labels == name).sum()})") for name in names]
+        ax.legend(handles=handles, title="family (galaxies)", loc="best", framealpha=0.9)
+    ax.set_title(title or f"t-SNE of the latent means $g_\\mu(x)$ of {n} held-out galaxies "
+                          f"({len(shown)} drawn as thumbnails, each with its own asinh stretch)", fontsize=11)
+    return fig
+
+
+def traversal_grid(latent_dim: int, steps: np.ndarray) -> np.ndarray:
+    """Latent points of the one-at-a-time design: (latent_dim, len(steps), latent_dim), row i
+    setting z_i = steps[j] in column j and every other dimension to zero."""
+    steps = np.asarray(steps, dtype=np.float32)
+    grid = np.zeros((latent_dim, len(steps), latent_dim), np.float32)
+    for dim in range(latent_dim):
+        grid[dim, :, dim] = steps
+    return grid
+
+
+def plot_traversals(images: np.ndarray, steps: np.ndarray, units: str = "data units"):
+    """Latent traversals: ``images`` (d, k, H, W), row i stepping z_i through ``steps`` (k,) in prior
+    standard deviations with the other dimensions at zero. One shared asinh colour scale.
+
+    Returns the Figure: d * k image axes and one colour-bar axes.
+    """
+    plt = _pyplot()
+    images = np.asarray(images, dtype=np.float32)
+    steps = np.asarray(steps, dtype=np.float32)
+    d, k = images.shape[:2]
+    if len(steps) != k:
+        raise ValueError(f"plot_traversals: {k} columns of images but {len(steps)} steps")
+    norm = asinh_norm(images)
+    fig, axes = plt.subplots(d, k, figsize=(1.35 * k + 1.2, 1.35 * d + 0.8), squeeze=False,
+                             layout="constrained")
+    centre = int(np.argmin(np.abs(steps)))
+    for row in range(d):
+        for col in range(k):
+            shown = _show(axes[row, col], images[row, col], norm)
+        axes[row, 0].set_ylabel(f"$z_{{{row + 1}}}$", fontsize=11, rotation=0, labelpad=14, va="center")
+        for spine in axes[row, centre].spines.values():
+            spine.set(edgecolor="tab:orange", linewidth=2.5)
+    for col in range(k):
+        axes[0, col].set_title(f"{steps[col]:+g}$\\sigma$" if steps[col] else "0", fontsize=10)
+    _colour_bar(fig, shown, axes, units, shrink=0.6)
+    fig.suptitle("Latent traversals: $f_\\mu(z)$ with one dimension of $z$ stepped by one prior s.d. per "
+                 "column,\nthe others at zero; centre column (framed) is $f_\\mu(0)$ (shared asinh stretch)",
+                 fontsize=11)
+    return fig
+
+
+def plot_samples(images: np.ndarray, units: str = "data units", columns: int = 8):
+    """New galaxies f_mu(z), z ~ N(0, I): ``images`` (n, H, W) on one shared asinh colour scale.
+
+    Returns the Figure: rows * columns image axes and one colour-bar axes.
+    """
+    plt = _pyplot()
+    images = np.asarray(images, dtype=np.float32)
+    n = len(images)
+    columns = min(columns, n)
+    rows = -(-n // columns)
+    norm = asinh_norm(images)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.35 * columns + 1.2, 1.35 * rows + 0.6),
+                             squeeze=False, layout="constrained")
+    for i, ax in enumerate(axes.ravel()):
+        if i < n:
+            shown = _show(ax, images[i], norm)
+        else:
+            ax.axis("off")
+    _colour_bar(fig, shown, axes, units, shrink=0.7)
+    fig.suptitle(f"{n} new galaxies $f_\\mu(z)$, $z \\sim \\mathcal{{N}}(0, I)$, sampled from the prior "
+                 "(shared asinh stretch)", fontsize=11)
+    return fig
+
+
+def plot_training(history: dict) -> "object":
+    """Training curves from a run's log.csv columns (``TrainedModel.history()``).
+
+    history: "epoch", "train_loss" (negative ELBO, mean nats per image) and "held_out_elbo"
+             (mean nats per image), each (E,)
+    Returns the Figure with two axes: training loss, and held-out ELBO with the training ELBO.
+    """
+    plt = _pyplot()
+    missing = {"epoch", "train_loss", "held_out_elbo"} - set(history)
+    if missing:
+        raise InputError(f"training history lacks column(s) {', '.join(sorted(missing))}")
+    epoch = np.asarray(history["epoch"], dtype=float)
+    loss = np.asarray(history["train_loss"], dtype=float)
+    elbo = np.asarray(history["held_out_elbo"], dtype=float)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    left.plot(epoch, loss, "o-", color="tab:blue", markersize=3)
+    left.set(xlabel="epoch", ylabel="nats per image", title="training loss (negative ELBO)")
+    right.plot(epoch, elbo, "o-", color="tab:green", markersize=3, label="held-out ELBO")
+    right.plot(epoch, -loss, "--", color="tab:blue", label="training ELBO (= -loss)")
+    finite = np.isfinite(elbo)
+    if finite.any():
+        best = np.flatnonzero(finite)[np.argmax(elbo[finite])]
+        right.axvline(epoch[best], color="0.5", linestyle=":", linewidth=1)
+        right.plot(epoch[best], elbo[best], "*", color="tab:red", markersize=12,
+                   label=f"best held-out: epoch {epoch[best]:g}, {elbo[best]:.4g} nats")
+        _zoom_on_late_epochs(right, np.concatenate([elbo[finite], -loss[np.isfinite(loss)]]))
+        _zoom_on_late_epochs(left, loss[np.isfinite(loss)], upper=True)
+    right.set(xlabel="epoch", ylabel="nats per image (higher is better)", title="ELBO per image")
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.suptitle("Training by stochastic variational inference", fontsize=11)
+    return fig
+
+
+def _zoom_on_late_epochs(ax, values: np.ndarray, upper: bool = False) -> None:
+    """Keep the first epochs' far-off values from flattening the rest of the curve."""
+    if len(values) < 4:
+        return
+    lo, hi = np.percentile(values, [10, 100]) if upper is False else np.percentile(values, [0, 90])
+    pad = 0.15 * (hi - lo) if hi > lo else 1.0
+    if upper:
+        ax.set_ylim(values.min() - pad, hi + pad)
+    else:
+        ax.set_ylim(lo - pad, values.max() + pad)
+
+
+def win_fraction(wins: np.ndarray) -> float:
+    """Fraction of True among ``wins`` (N,) (NaN for N = 0)."""
+    wins = np.asarray(wins, dtype=bool)
+    return float(wins.mean()) if len(wins) else float("nan")
+
+
+def symlog_bins(values: np.ndarray, linthresh: float, per_decade: int = 6) -> np.ndarray:
+    """Histogram bin edges equally spaced on a symmetric-log axis covering ``values``."""
+    top = max(float(np.max(np.abs(values))) if len(values) else 0.0, linthresh) * 1.01
+    decades = max(np.log10(top / linthresh), 0.1)
+    outer = np.logspace(np.log10(linthresh), np.log10(top), max(int(np.ceil(decades * per_decade)), 2) + 1)
+    inner = np.linspace(-linthresh, linthresh, 5)[1:-1]
+    return np.concatenate([-outer[::-1], inner, outer])
+
+
+def plot_differences(per_image: dict, baselines=BASELINE_NAMES, summary: dict | None = None,
+                     units: str = "data units"):
+    """Histograms of per-image differences, VAE against each baseline present in ``per_image``.
+
+    per_image: columns of per_image.csv: "mse_vae", "loglik_vae", and per baseline B "mse_B",
+               "loglik_B" (and optionally "mse_win_B", "likelihood_win_B"), each (N,)
+    summary:   optional evaluation.json dict; its 95% intervals are printed with the win fractions
+    Returns the Figure: two rows (MSE, log-likelihood) and one column per baseline.
+    """
+    plt = _pyplot()
+    present = [b for b in baselines if f"mse_{b}" in per_image and f"loglik_{b}" in per_image]
+    if not present:
+        raise InputError("per-image results hold no baseline columns (mse_<baseline>, loglik_<baseline>)")
+    fig, axes = plt.subplots(2, len(present), figsize=(6.2 * len(present), 8), squeeze=False,
+                             layout="constrained")
+    for col, name in enumerate(present):
+        stats = (summary or {}).get("baselines", {}).get(name, {})
+        label = BASELINE_LABELS.get(name, name)
+        mse_diff = np.asarray(per_image["mse_vae"], float) - np.asarray(per_image[f"mse_{name}"], float)
+        ll_diff = np.asarray(per_image["loglik_vae"], float) - np.asarray(per_image[f"loglik_{name}"], float)
+        mse_wins = per_image.get(f"mse_win_{name}", mse_diff < 0)
+        ll_wins = per_image.get(f"likelihood_win_{name}", ll_diff > 0)
+        _difference_panel(axes[0, col], mse_diff, win_below_zero=True, wins=mse_wins,
+                          interval=stats.get("mse_win_ci95"),
+                          xlabel=f"MSE(VAE) - MSE({label} fit)  [({units})$^2$]",
+                          title=f"pixel MSE: VAE vs {label} fit")
+        _difference_panel(axes[1, col], ll_diff, win_below_zero=False, wins=ll_wins,
+                          interval=stats.get("likelihood_win_ci95"),
+                          xlabel=f"log-likelihood(VAE) - max$_\\sigma$ log-likelihood({label} fit)  [nats]",
+                          title=f"log-likelihood: VAE vs {label} fit")
+    fig.suptitle("Per-image differences on the held-out galaxies (shaded: the side where the VAE wins)",
+                 fontsize=11)
+    return fig
+
+
+def _difference_panel(ax, diff: np.ndarray, win_below_zero: bool, wins, interval, xlabel: str,
+                      title: str) -> None:
+    wins = np.asarray(wins).astype(bool)
+    finite = np.isfinite(diff)
+    values = diff[finite]
+    magnitudes = np.abs(values[values != 0])
+    linthresh = float(np.percentile(magnitudes, 5)) if len(magnitudes) else 1.0
+    counts, _, _ = ax.hist(values, bins=symlog_bins(values, linthresh), color="tab:blue", edgecolor="white",
+                           linewidth=0.3)
+    ax.set_xscale("symlog", linthresh=linthresh, linscale=0.5)
+    top = max(float(np.max(np.abs(values))) if len(values) else linthresh, linthresh) * 1.5
+    ax.set_xlim(-top, top)
+    ax.set_ylim(0, 1.18 * max(counts.max(), 1))
+    ticks = symlog_ticks(linthresh, top)
+    ax.set_xticks(ticks, labels=[_power_label(t) for t in ticks])
+    ax.xaxis.set_minor_locator(_no_ticks())
+    ax.axvspan(-top if win_below_zero else 0, 0 if win_below_zero else top, color="tab:green", alpha=0.12)
+    ax.axvline(0, color="black", linewidth=1.2)
+    x, align = (0.02, "left") if win_below_zero else (0.98, "right")
+    ax.text(x, 0.97, "\u2190 VAE better" if win_below_zero else "VAE better \u2192", transform=ax.transAxes,
+            ha=align, va="top", color="darkgreen", fontsize=10, weight="bold")
+    summary = f"VAE better on {100 * win_fraction(wins):.1f}% of {len(wins)} images"
+    if interval is not None and len(interval) == 2:
+        summary += f" (95% interval {100 * interval[0]:.1f}-{100 * interval[1]:.1f}%)"
+    if not finite.all():
+        summary += f"; {(~finite).sum()} non-finite not drawn"
+    ax.set_title(f"{title}\n{summary}", fontsize=10)
+    ax.set(xlabel=xlabel, ylabel="held-out images")
+
+
+def symlog_ticks(linthresh: float, top: float, per_side: int = 4) -> list[float]:
+    """Zero and powers of ten of both signs between 3 * linthresh and ``top``, thinned to at most
+    ``per_side`` per sign so the labels never collide."""
+    first, last = int(np.ceil(np.log10(3 * linthresh))), int(np.floor(np.log10(top)))
+    powers = list(range(first, last + 1))
+    stride = max(1, -(-len(powers) // per_side))
+    powers = powers[::-1][::stride][::-1]
+    return [-(10.0 ** p) for p in reversed(powers)] + [0.0] + [10.0 ** p for p in powers]
+
+
+def _power_label(value: float) -> str:
+    if value == 0:
+        return "0"
+    return f"${'-' if value < 0 else ''}10^{{{int(round(np.log10(abs(value))))}}}$"
+
+
+def _no_ticks():
+    from matplotlib.ticker import NullLocator
+
+    return NullLocator()
