@@ -193,35 +193,41 @@ def add_figures(commands) -> None:
     p = commands.add_parser("figures", help="draw the paper's figures for a trained run")
     p.add_argument("run_dir", type=Path, help="run directory made by `galaxyvae train`")
     p.add_argument("--seed", type=int, default=0, help="seed choosing examples and latent draws")
+    _overwrite_flag(p)
     p.set_defaults(run=run_figures)
 
 
 def run_figures(args) -> int:
     from galaxyvae.figures import make_run_figures
 
-    for path in make_run_figures(args.run_dir, seed=args.seed):
-        log.info("wrote %s", path)
+    paths = make_run_figures(args.run_dir, seed=args.seed, overwrite=args.overwrite)
+    log.info("wrote %d figures into %s", len(paths), args.run_dir / "figures")
     return 0
 
 
 def add_report(commands) -> None:
     p = commands.add_parser("report", help="gather a run's table and figures into one offline HTML page")
     p.add_argument("run_dir", type=Path, help="run directory (evaluated)")
+    p.add_argument("--seed", type=int, default=0, help="seed of any figures that still have to be drawn")
+    _overwrite_flag(p)
     p.set_defaults(run=run_report)
 
 
 def run_report(args) -> int:
     from galaxyvae.report import write_report
 
-    log.info("wrote %s", write_report(args.run_dir))
+    log.info("wrote %s", write_report(args.run_dir, overwrite=args.overwrite, seed=args.seed))
     return 0
 
 
 def add_reproduce(commands) -> None:
     p = commands.add_parser("reproduce",
                             help="simulate -> train -> evaluate -> figures -> report, resumable")
-    p.add_argument("--out", type=Path, required=True, help="folder for the data set and the run")
-    p.add_argument("--quick", action="store_true", help="a small, fast version (for tests and CI)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for the data set (OUT/survey.h5), the run (OUT/run/) and OUT/reproduce.json; "
+                        "run the same command again to resume an interrupted reproduction")
+    p.add_argument("--quick", action="store_true",
+                   help="a small, fast version (600 stamps, 5 epochs; about a minute) for tests and CI")
     p.add_argument("--seed", type=int, default=0, help="seed of every step")
     p.set_defaults(run=run_reproduce)
 
@@ -229,7 +235,8 @@ def add_reproduce(commands) -> None:
 def run_reproduce(args) -> int:
     from galaxyvae.pipeline import reproduce
 
-    reproduce(args.out, quick=args.quick, seed=args.seed)
+    report = reproduce(args.out, quick=args.quick, seed=args.seed)
+    print(f"report: {report}")
     return 0
 
 

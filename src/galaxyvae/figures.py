@@ -571,3 +571,177 @@ def _no_ticks():
     from matplotlib.ticker import NullLocator
 
     return NullLocator()
+
+
+# --- a trained run's figures -----------------------------------------------------------------
+
+TRAVERSAL_STEPS = np.arange(-3, 4, dtype=np.float32)
+"""Columns of the traversal figure, in prior standard deviations (the prior is N(0, I))."""
+
+
+def planned_figures(run_dir: str | Path) -> list[str]:
+    """File names of the figures ``make_run_figures`` writes for ``run_dir``: all of FIGURES, less
+    differences.png when the run has not been evaluated (no per_image.csv)."""
+    names = [spec.name for spec in FIGURES]
+    if not (Path(run_dir) / "per_image.csv").is_file():
+        names.remove("differences.png")
+    return names
+
+
+def missing_figures(run_dir: str | Path) -> list[str]:
+    """The planned figures of ``run_dir`` that are not yet in RUN_DIR/figures."""
+    folder = Path(run_dir) / "figures"
+    return [name for name in planned_figures(run_dir) if not (folder / name).is_file()]
+
+
+def make_run_figures(run_dir: str | Path, seed: int = 0, overwrite: bool = False, only=None,
+                     n_conditional: int = 6, n_samples: int = 32, max_tsne: int = 2000) -> list[Path]:
+    """Draw the figures of a trained run into RUN_DIR/figures/*.png; return their paths.
+
+    seed:          chooses the example galaxies, the z drawn from q(z|x), the prior samples and
+                   the t-SNE initialisation; the same seed gives the same figures
+    overwrite:     replace figures that exist (otherwise an existing one raises OutputExistsError
+                   before anything is drawn)
+    only:          file names (a subset of ``planned_figures``) to draw; default all
+    n_conditional: rows of the conditional figure; n_samples: galaxies drawn from the prior
+    max_tsne:      at most this many held-out galaxies (a seeded random subset) enter the t-SNE
+    """
+    run_dir = Path(run_dir)
+    names = planned_figures(run_dir) if only is None else list(only)
+    unknown = set(names) - set(planned_figures(run_dir))
+    if unknown:
+        raise InputError(f"{run_dir}: cannot draw {', '.join(sorted(unknown))} "
+                         f"(figures of this run: {', '.join(planned_figures(run_dir))})")
+    folder = run_dir / "figures"
+    existing = [name for name in names if (folder / name).exists()]
+    if existing and not overwrite:
+        raise OutputExistsError(f"{folder}: {', '.join(existing)} already exist(s); pass --overwrite "
+                                "(overwrite=True) to replace")
+    context = _RunContext.load(run_dir, seed)
+    folder.mkdir(exist_ok=True)
+    draw = {
+        "conditional.png": lambda: _conditional_for_run(context, n_conditional),
+        "tsne.png": lambda: _tsne_for_run(context, max_tsne),
+        "traversals.png": lambda: _traversals_for_run(context),
+        "samples.png": lambda: plot_samples(context.model.sample(n_samples, seed=seed), units=context.units),
+        "training.png": lambda: plot_training(context.model.history()),
+        "differences.png": lambda: _differences_for_run(context),
+    }
+    written = []
+    for name in names:
+        start = time.perf_counter()
+        written.append(save_figure(draw[name](), folder / name))
+        log.info("figures: wrote %s (%.1f s)", folder / name, time.perf_counter() - start)
+    return written
+
+
+@dataclass
+class _RunContext:
+    """What the figures of one run are drawn from: the model, its held-out galaxies, a seed."""
+
+    run_dir: Path
+    model: object
+    held_out: object
+    seed: int
+
+    @classmethod
+    def load(cls, run_dir: Path, seed: int) -> "_RunContext":
+        from galaxyvae.dataset import read_dataset
+        from galaxyvae.runs import load_run
+
+        model = load_run(run_dir)
+        return cls(run_dir=run_dir, model=model, held_out=read_dataset(model.data_path, split="held_out"),
+                   seed=seed)
+
+    @property
+    def units(self) -> str:
+        return str(self.held_out.attrs.get("pixel_units", "data units"))
+
+    @property
+    def families(self) -> np.ndarray:
+        return np.asarray(self.held_out.metadata.get("family", np.full(len(self.held_out), "")), dtype=str)
+
+
+def choose_examples(families: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Indices of ``n`` examples taking families in turn (round robin, random within each), so every
+    family appears before any appears twice; plain random choice where there are no labels."""
+    families = np.asarray(families, dtype=str)
+    rng = np.random.default_rng(seed)
+    pools = [list(rng.permutation(np.flatnonzero(families == name))) for name in sorted(set(families))]
+    chosen: list[int] = []
+    while len(chosen) < min(n, len(families)):
+        for pool in pools:
+            if pool and len(chosen) < n:
+                chosen.append(int(pool.pop()))
+    return np.asarray(chosen, dtype=int)
+
+
+def _conditional_for_run(context: _RunContext, n_rows: int):
+    from galaxyvae.baselines import fit_gaussian
+
+    index = choose_examples(context.families, n_rows, context.seed)
+    images = context.held_out.images[index]
+    mean, variance = context.model.encode(images)
+    rng = np.random.default_rng(context.seed)
+    z = (mean + np.sqrt(variance) * rng.standard_normal(mean.shape)).astype(np.float32)
+    decoded_mean, decoded_variance = context.model.decode(z)
+    fit = fit_gaussian(images, fit_sky=not bool(context.held_out.attrs.get("sky_subtracted", True)))
+    ids = np.asarray(context.held_out.metadata.get("object_id", index), dtype=str)[index]
+    labels = [f"{oid}\n{fam}" if fam else oid for oid, fam in zip(ids, context.families[index])]
+    return plot_conditional(images, decoded_mean, decoded_variance, fit.model_images, labels=labels,
+                            units=context.units)
+
+
+def _tsne_for_run(context: _RunContext, max_galaxies: int):
+    n = len(context.held_out)
+    index = np.arange(n)
+    if n > max_galaxies:
+        index = np.sort(np.random.default_rng(context.seed).choice(n, max_galaxies, replace=False))
+    images = context.held_out.images[index]
+    means, _ = context.model.encode(images)
+    embedding = tsne_embedding(means, seed=context.seed)
+    families = context.families[index]
+    return plot_tsne(embedding, images, families=families if set(families) != {""} else None,
+                     seed=context.seed)
+
+
+def _traversals_for_run(context: _RunContext):
+    latent_dim = context.model.config.model.latent_dim
+    grid = traversal_grid(latent_dim, TRAVERSAL_STEPS)
+    means, _ = context.model.decode(grid.reshape(-1, latent_dim))
+    return plot_traversals(means.reshape(latent_dim, len(TRAVERSAL_STEPS), *means.shape[1:]), TRAVERSAL_STEPS,
+                           units=context.units)
+
+
+def _differences_for_run(context: _RunContext):
+    import json
+
+    summary_path = context.run_dir / "evaluation.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    return plot_differences(read_per_image(context.run_dir / "per_image.csv"), summary=summary,
+                            units=context.units)
+
+
+def read_per_image(path: str | Path) -> dict[str, np.ndarray]:
+    """Read per_image.csv into columns: numbers as float arrays, True/False as bool, the rest as str."""
+    import csv
+
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except OSError as err:
+        raise InputError(f"{path}: cannot read the per-image results ({err.strerror})") from None
+    if not rows:
+        raise InputError(f"{path}: holds no per-image rows")
+    return {name: _column([row[name] for row in rows]) for name in rows[0]}
+
+
+def _column(values: list[str]) -> np.ndarray:
+    lowered = {v.strip().lower() for v in values}
+    if lowered <= {"true", "false"}:
+        return np.array([v.strip().lower() == "true" for v in values])
+    try:
+        return np.array([float(v) for v in values])
+    except ValueError:
+        return np.array(values, dtype=str)
