@@ -1,0 +1,86 @@
+import json
+import os
+
+import pytest
+
+from galaxyvae import pipeline
+from galaxyvae.errors import InputError
+from galaxyvae.pipeline import Paths, ReproducePlan
+from tests.helpers import write_blob_dataset
+
+TINY = ReproducePlan(n_images=40, n_held_out=8, epochs=2, importance_samples=4, max_tsne=8, n_conditional=3,
+                     n_samples=8)
+
+
+def paths_in(folder, plan=TINY, seed=0):
+    folder.mkdir(exist_ok=True)
+    return Paths(out=folder, plan=plan, seed=seed)
+
+
+def test_the_full_plan_is_the_papers_experiment():
+    assert pipeline.FULL.n_images - pipeline.FULL.n_held_out == 43_444
+    assert pipeline.FULL.n_held_out == 1000
+    assert pipeline.QUICK.n_images < 1000 and pipeline.QUICK.epochs < pipeline.FULL.epochs
+
+
+def test_survey_stage_is_complete_only_for_a_data_set_of_the_planned_size(tmp_path):
+    paths = paths_in(tmp_path / "out")
+    assert not pipeline.survey_complete(paths)
+    write_blob_dataset(paths.survey, n=40, n_held_out=8)
+    assert pipeline.survey_complete(paths)
+    other = paths_in(tmp_path / "out", plan=ReproducePlan(n_images=50, n_held_out=8))
+    with pytest.raises(InputError, match="not the planned 50"):
+        pipeline.survey_complete(other)
+
+
+def test_a_broken_survey_file_is_reported_not_overwritten(tmp_path):
+    paths = paths_in(tmp_path / "out")
+    paths.survey.write_bytes(b"not hdf5")
+    with pytest.raises(InputError, match="delete it"):
+        pipeline.survey_complete(paths)
+    assert paths.survey.read_bytes() == b"not hdf5"
+
+
+def test_training_is_complete_when_every_planned_epoch_is_logged(tmp_path):
+    paths = paths_in(tmp_path / "out")
+    (paths.run_dir / "checkpoints").mkdir(parents=True)
+    log = paths.run_dir / "log.csv"
+    log.write_text("epoch,step,train_loss,held_out_elbo,images_per_s,seconds\n1,3,5.0,4.0,10,1\n")
+    for name in ("best.pt", "last.pt"):
+        (paths.run_dir / "checkpoints" / name).write_bytes(b"")
+    assert pipeline.epochs_logged(log) == 1 and not pipeline.training_complete(paths)
+    with log.open("a") as handle:
+        handle.write("2,6,4.0,3.5,10,1\n")
+    assert pipeline.training_complete(paths)
+    (paths.run_dir / "checkpoints" / "best.pt").unlink()
+    assert not pipeline.training_complete(paths)
+
+
+def test_report_is_redone_when_older_than_the_evaluation_or_a_figure(tmp_path):
+    paths = paths_in(tmp_path / "out")
+    (paths.run_dir / "figures").mkdir(parents=True)
+    evaluation, figure, report = (paths.run_dir / "evaluation.json", paths.run_dir / "figures" / "a.png",
+                                  paths.run_dir / "report.html")
+    for path in (evaluation, figure, report):
+        path.write_text("x")
+    os.utime(evaluation, (1000, 1000))
+    os.utime(figure, (1000, 1000))
+    os.utime(report, (2000, 2000))
+    assert pipeline.report_complete(paths)
+    os.utime(figure, (3000, 3000))
+    assert not pipeline.report_complete(paths)
+
+
+def test_record_keeps_stage_times_across_invocations_and_refuses_another_plan(tmp_path):
+    paths = paths_in(tmp_path / "out")
+    record = pipeline.start_record(paths)
+    pipeline.note_stage(paths, record, "simulate", status="done", seconds=12.345)
+    record = pipeline.start_record(paths)
+    pipeline.note_stage(paths, record, "simulate", status="skipped", seconds=None)
+    saved = json.loads(paths.record.read_text())
+    assert saved["stages"]["simulate"]["seconds"] == 12.35
+    assert [i["ran"] for i in saved["invocations"]] == [["simulate"], []]
+    assert saved["invocations"][1]["skipped"] == ["simulate"]
+    assert saved["total_seconds"] == 12.35
+    with pytest.raises(InputError, match="another plan or seed"):
+        pipeline.start_record(paths_in(tmp_path / "out", seed=1))
