@@ -171,6 +171,20 @@ def test_differences_figure_reports_win_fractions_counted_independently(tmp_path
     saved_size(fig, tmp_path / "d.png")
 
 
+def test_differences_axis_is_linear_for_a_narrow_range_and_symmetric_log_for_a_wide_one():
+    narrow = {"mse_vae": np.linspace(1.0, 2.0, 50), "mse_gaussian": np.linspace(1.5, 2.2, 50),
+              "loglik_vae": np.zeros(50), "loglik_gaussian": np.geomspace(1e-3, 1e3, 50)}
+    fig = figures.plot_differences(narrow)
+    assert fig.axes[0].get_xscale() == "linear" and fig.axes[1].get_xscale() == "symlog"
+    labels = [t.get_text() for t in fig.axes[1].get_xticklabels()]
+    assert "0" in labels and "$10^{3}$" in labels and "$-10^{3}$" in labels
+
+
+def test_symlog_ticks_are_round_and_clear_of_the_linear_core():
+    assert figures.symlog_ticks(1.0, 1e6) == [-1e6, -1e4, -1e2, 0.0, 1e2, 1e4, 1e6]
+    assert figures.symlog_ticks(1e-4, 3e-3) == pytest.approx([-2e-3, -1e-3, -5e-4, 0, 5e-4, 1e-3, 2e-3])
+
+
 def test_differences_figure_draws_only_baselines_present_and_needs_one():
     columns = synthetic_per_image()
     only_gaussian = {k: v for k, v in columns.items() if "sersic" not in k}

@@ -29,6 +29,9 @@ FAMILY_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"
                   "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
 BASELINE_NAMES = ("gaussian", "sersic")
 BASELINE_LABELS = {"gaussian": "Gaussian", "sersic": "S\u00e9rsic"}
+SYMLOG_DYNAMIC_RANGE = 30.0
+"""Difference histograms use a symmetric-log axis when the largest |difference| exceeds the
+5th percentile of |difference| by this factor, and a linear axis otherwise."""
 
 
 @dataclass(frozen=True)
@@ -269,7 +272,7 @@ def plot_conditional(inputs: np.ndarray, means: np.ndarray, variances: np.ndarra
             axes[row, 0].set_ylabel(str(labels[row]), fontsize=8)
     for col, title in enumerate(column_titles):
         axes[0, col].set_title(title, fontsize=10)
-    fig.suptitle("Conditional distributions $p(x|z) = \\mathcal{N}(f_\\mu(z), f_\\sigma(z))$ of held-out "
+    fig.suptitle("Conditional distributions $p(x|z) = \\mathrm{N}(f_\\mu(z), f_\\sigma(z))$ of held-out "
                  "galaxies (asinh stretch)", fontsize=11)
     return fig
 
@@ -419,7 +422,7 @@ def plot_samples(images: np.ndarray, units: str = "data units", columns: int = 8
         else:
             ax.axis("off")
     _colour_bar(fig, shown, axes, units, shrink=0.7)
-    fig.suptitle(f"{n} new galaxies $f_\\mu(z)$, $z \\sim \\mathcal{{N}}(0, I)$, sampled from the prior "
+    fig.suptitle(f"{n} new galaxies $f_\\mu(z)$, $z \\sim \\mathrm{{N}}(0, I)$, sampled from the prior "
                  "(shared asinh stretch)", fontsize=11)
     return fig
 
@@ -448,9 +451,9 @@ def plot_training(history: dict) -> "object":
         best = np.flatnonzero(finite)[np.argmax(elbo[finite])]
         right.axvline(epoch[best], color="0.5", linestyle=":", linewidth=1)
         right.plot(epoch[best], elbo[best], "*", color="tab:red", markersize=12,
-                   label=f"best held-out: epoch {epoch[best]:g}, {elbo[best]:.4g} nats")
-        _zoom_on_late_epochs(right, np.concatenate([elbo[finite], -loss[np.isfinite(loss)]]))
-        _zoom_on_late_epochs(left, loss[np.isfinite(loss)], upper=True)
+                   label=f"best held-out: epoch {epoch[best]:g}, {elbo[best]:,.1f} nats")
+    _zoom_on_late_epochs(right, [elbo, -loss])
+    _zoom_on_late_epochs(left, [loss])
     right.set(xlabel="epoch", ylabel="nats per image (higher is better)", title="ELBO per image")
     right.legend(fontsize=8)
     for ax in (left, right):
@@ -459,16 +462,17 @@ def plot_training(history: dict) -> "object":
     return fig
 
 
-def _zoom_on_late_epochs(ax, values: np.ndarray, upper: bool = False) -> None:
-    """Keep the first epochs' far-off values from flattening the rest of the curve."""
-    if len(values) < 4:
+def _zoom_on_late_epochs(ax, curves: list[np.ndarray]) -> None:
+    """Keep the first epochs' far-off values from flattening the rest of the curves: if the whole
+    range is more than three times the range after the first fifth of the epochs, show the latter."""
+    late = np.concatenate([c[len(c) // 5:] for c in curves])
+    every = np.concatenate(curves)
+    late, every = late[np.isfinite(late)], every[np.isfinite(every)]
+    if len(late) < 2 or np.ptp(every) <= 3 * np.ptp(late):
         return
-    lo, hi = np.percentile(values, [10, 100]) if upper is False else np.percentile(values, [0, 90])
-    pad = 0.15 * (hi - lo) if hi > lo else 1.0
-    if upper:
-        ax.set_ylim(values.min() - pad, hi + pad)
-    else:
-        ax.set_ylim(lo - pad, values.max() + pad)
+    pad = 0.3 * np.ptp(late) if np.ptp(late) > 0 else 1.0
+    ax.set_ylim(late.min() - pad, late.max() + pad)
+    ax.annotate("earlier epochs off scale", xy=(0.02, 0.02), xycoords="axes fraction", fontsize=8, color="0.4")
 
 
 def win_fraction(wins: np.ndarray) -> float:
@@ -528,15 +532,21 @@ def _difference_panel(ax, diff: np.ndarray, win_below_zero: bool, wins, interval
     values = diff[finite]
     magnitudes = np.abs(values[values != 0])
     linthresh = float(np.percentile(magnitudes, 5)) if len(magnitudes) else 1.0
-    counts, _, _ = ax.hist(values, bins=symlog_bins(values, linthresh), color="tab:blue", edgecolor="white",
-                           linewidth=0.3)
-    ax.set_xscale("symlog", linthresh=linthresh, linscale=0.5)
-    top = max(float(np.max(np.abs(values))) if len(values) else linthresh, linthresh) * 1.5
+    largest = float(magnitudes.max()) if len(magnitudes) else 1.0
+    if largest > SYMLOG_DYNAMIC_RANGE * linthresh:
+        top = largest * 1.5
+        counts, _, _ = ax.hist(values, bins=symlog_bins(values, linthresh), color="tab:blue",
+                               edgecolor="white", linewidth=0.3)
+        ax.set_xscale("symlog", linthresh=linthresh, linscale=0.5)
+        ticks = symlog_ticks(linthresh, top)
+        ax.set_xticks(ticks, labels=[_power_label(t) for t in ticks])
+        ax.xaxis.set_minor_locator(_no_ticks())
+    else:
+        top = largest * 1.05
+        counts, _, _ = ax.hist(values, bins=np.linspace(-top, top, 41), color="tab:blue", edgecolor="white",
+                               linewidth=0.3)
     ax.set_xlim(-top, top)
     ax.set_ylim(0, 1.18 * max(counts.max(), 1))
-    ticks = symlog_ticks(linthresh, top)
-    ax.set_xticks(ticks, labels=[_power_label(t) for t in ticks])
-    ax.xaxis.set_minor_locator(_no_ticks())
     ax.axvspan(-top if win_below_zero else 0, 0 if win_below_zero else top, color="tab:green", alpha=0.12)
     ax.axvline(0, color="black", linewidth=1.2)
     x, align = (0.02, "left") if win_below_zero else (0.98, "right")
@@ -552,19 +562,28 @@ def _difference_panel(ax, diff: np.ndarray, win_below_zero: bool, wins, interval
 
 
 def symlog_ticks(linthresh: float, top: float, per_side: int = 4) -> list[float]:
-    """Zero and powers of ten of both signs between 3 * linthresh and ``top``, thinned to at most
-    ``per_side`` per sign so the labels never collide."""
-    first, last = int(np.ceil(np.log10(3 * linthresh))), int(np.floor(np.log10(top)))
-    powers = list(range(first, last + 1))
+    """Zero and round values of both signs between 3 * linthresh and ``top``: powers of ten,
+    thinned to at most ``per_side`` per sign so labels never collide, or 1-2-5 steps where the
+    range holds fewer than two powers of ten."""
+    low = 3 * linthresh
+    first, last = int(np.floor(np.log10(low))), int(np.floor(np.log10(top)))
+    powers = [10.0 ** p for p in range(first, last + 1) if low <= 10.0 ** p <= top]
+    if len(powers) < 2:
+        powers = [m * 10.0 ** p for p in range(first, last + 1) for m in (1, 2, 5) if low <= m * 10.0 ** p <= top]
     stride = max(1, -(-len(powers) // per_side))
     powers = powers[::-1][::stride][::-1]
-    return [-(10.0 ** p) for p in reversed(powers)] + [0.0] + [10.0 ** p for p in powers]
+    return [-p for p in reversed(powers)] + [0.0] + powers
 
 
 def _power_label(value: float) -> str:
     if value == 0:
         return "0"
-    return f"${'-' if value < 0 else ''}10^{{{int(round(np.log10(abs(value))))}}}$"
+    exponent = int(np.floor(np.log10(abs(value)) + 1e-9))
+    mantissa = abs(value) / 10.0 ** exponent
+    sign = "-" if value < 0 else ""
+    if round(mantissa) == 1:
+        return f"${sign}10^{{{exponent}}}$"
+    return f"${sign}{mantissa:.0f}\\times10^{{{exponent}}}$"
 
 
 def _no_ticks():
