@@ -78,7 +78,7 @@ def test_report_tables_put_the_papers_numbers_beside_ours(tmp_path):
     assert "97.1%" in page and "97.2%" in page
     assert "98.0% (94.0–100.0%)" in page and "82.0% (70.0–92.0%)" in page  # ours, both baselines
     assert "VAE vs Sérsic fit" in page or "VAE vs S\u00e9rsic fit" in page
-    for value in ("8123", "2.462", "8130", "2.464", "67.1%", "94.9%"):  # ELBO, log p(x), bits, calibration
+    for value in ("8,123.4", "2.462", "8,130.2", "2.464", "67.1%", "94.9%"):  # ELBO, log p(x), bits, calibration
         assert value in page
     assert "<td>MSE win vs Gaussian</td>" in page  # table.md rendered as an HTML table
 

@@ -46,40 +46,42 @@ class FigureSpec:
 FIGURES = (
     FigureSpec(
         "conditional.png", "Conditional distributions of held-out galaxies",
-        "Each row is a held-out galaxy. Left to right: the input image x; the mean f_mu(z) of the model's "
+        "Each row is a held-out galaxy. Left to right: the input image x; the mean f\u03bc(z) of the model's "
         "conditional distribution p(x|z) for one z drawn from the approximate posterior q(z|x); the paper's "
-        "baseline, a scaled bivariate Gaussian density fitted to x (x-hat); and the per-pixel standard "
-        "deviation sqrt(f_sigma(z)) for the same z (f_sigma is a variance). The first three panels of a row "
+        "baseline, a scaled bivariate Gaussian density fitted to x (x\u0302); and the per-pixel standard "
+        "deviation \u221af\u03c3(z) for the same z (f\u03c3 is a variance). The first three panels of a row "
         "share one asinh colour scale in data units, so brightness can be compared directly."),
     FigureSpec(
         "tsne.png", "t-SNE embedding of the latent means of held-out galaxies",
-        "A two-dimensional t-SNE embedding of the latent means g_mu(x) of the held-out galaxies. Every "
+        "A two-dimensional t-SNE embedding of the latent means g\u03bc(x) of the held-out galaxies. Every "
         "galaxy is a dot; galaxies whose thumbnails do not overlap are drawn as their own image (each with "
         "its own asinh stretch) at their position. Dot and frame colours give the morphological family "
         "where the data set has labels. Nearby galaxies have similar latent codes; t-SNE preserves "
         "neighbourhoods, not distances between far-apart groups."),
     FigureSpec(
         "traversals.png", "Latent traversals",
-        "f_mu(z) for z on a one-at-a-time design: in row i, latent dimension z_i steps from -3 to +3 prior "
-        "standard deviations while the others stay at zero; the centre column (framed) is f_mu(0) in every "
-        "row. All panels share one asinh colour scale, so changes in brightness are visible as well as in "
-        "shape."),
+        "f\u03bc(z) for z on a one-at-a-time design: in row i, latent dimension z\u1d62 steps from \u22123 to +3 "
+        "prior standard deviations while the others stay at zero; the centre column (framed) is f\u03bc(0) in "
+        "every row. All panels share one asinh colour scale, so changes in brightness show as well as "
+        "changes in shape."),
     FigureSpec(
         "samples.png", "New galaxies sampled from the prior",
-        "f_mu(z) for z drawn from the prior N(0, I): galaxies the model generates that are in no data set. "
+        "f\u03bc(z) for z drawn from the prior N(0, I): galaxies the model generates that are in no data set. "
         "All panels share one asinh colour scale."),
     FigureSpec(
         "training.png", "Training curves",
-        "Left: the training loss (negative ELBO, mean nats per image) per epoch. Right: the ELBO of the "
-        "held-out images per epoch (higher is better), with the training split's ELBO (minus the loss) "
-        "dashed for comparison; the marked epoch is the best held-out ELBO, whose weights are best.pt."),
+        "Left: the training loss (negative ELBO averaged over the epoch's mini-batches, mean nats per image) "
+        "per epoch. Right: the ELBO of the held-out images per epoch (higher is better), with the training "
+        "ELBO (minus the loss) dashed for comparison; the starred epoch has the best held-out ELBO, whose "
+        "weights (best.pt) the evaluation and figures use."),
     FigureSpec(
         "differences.png", "Per-image differences, VAE against the parametric fits",
-        "Histograms over held-out images of the VAE's advantage over each baseline fit. Top: MSE(VAE) - "
-        "MSE(fit), where f_mu(g_mu(x)) is the VAE reconstruction (negative: the VAE fits better). Bottom: "
-        "log N(x; f_mu, f_sigma) - max over sigma of log N(x; x-hat, sigma^2 I), in nats (positive: the VAE "
-        "assigns the image higher probability). The shaded side is where the VAE wins; the win fraction "
-        "is printed. Horizontal axes are symmetric-logarithmic: linear near zero, logarithmic beyond."),
+        "Histograms over held-out images of the VAE's advantage over each baseline fit. Top: MSE(VAE) \u2212 "
+        "MSE(fit), where the VAE's image is the reconstruction f\u03bc(g\u03bc(x)) (negative: the VAE fits "
+        "better). Bottom: log N(x; f\u03bc, f\u03c3) \u2212 max over \u03c3 of log N(x; x\u0302, \u03c3\u00b2I), in nats "
+        "(positive: the VAE gives the image higher probability than the fit with any noise level). The "
+        "shaded side is where the VAE wins; the title gives the win fraction. Wide ranges are drawn on a "
+        "symmetric-logarithmic axis (linear near zero, logarithmic beyond)."),
 )
 FIGURE_BY_NAME = {spec.name: spec for spec in FIGURES}
 
@@ -611,6 +613,22 @@ def missing_figures(run_dir: str | Path) -> list[str]:
     """The planned figures of ``run_dir`` that are not yet in RUN_DIR/figures."""
     folder = Path(run_dir) / "figures"
     return [name for name in planned_figures(run_dir) if not (folder / name).is_file()]
+
+
+def out_of_date_figures(run_dir: str | Path) -> list[str]:
+    """The planned figures of ``run_dir`` that are missing or older than what they are drawn from
+    (the model's best.pt and log.csv; for differences.png also per_image.csv and evaluation.json)."""
+    run_dir = Path(run_dir)
+    model_inputs = [run_dir / "checkpoints" / "best.pt", run_dir / "log.csv"]
+    evaluation_inputs = [run_dir / "per_image.csv", run_dir / "evaluation.json"]
+    stale = []
+    for name in planned_figures(run_dir):
+        figure = run_dir / "figures" / name
+        inputs = model_inputs + (evaluation_inputs if name == "differences.png" else [])
+        newest = max((p.stat().st_mtime for p in inputs if p.is_file()), default=0.0)
+        if not figure.is_file() or figure.stat().st_mtime < newest:
+            stale.append(name)
+    return stale
 
 
 def make_run_figures(run_dir: str | Path, seed: int = 0, overwrite: bool = False, only=None,

@@ -128,7 +128,7 @@ def build_stages() -> list[Stage]:
               survey_complete, simulate_stage),
         Stage("train", "training for {plan.epochs} epochs -> {paths.run_dir}", training_complete, train_stage),
         Stage("evaluate", "held-out metrics ({plan.importance_samples} importance samples) against the fits",
-              lambda p: (p.run_dir / "evaluation.json").is_file(), evaluate_stage),
+              evaluation_complete, evaluate_stage),
         Stage("figures", "drawing the figures -> {paths.run_dir}/figures", figures_complete, figures_stage),
         Stage("report", "writing {paths.run_dir}/report.html", report_complete, report_stage),
     ]
@@ -195,6 +195,17 @@ def train_stage(paths: Paths) -> None:
     train(paths.survey, paths.run_dir, TrainConfig(epochs=paths.plan.epochs, seed=paths.seed), resume=resume)
 
 
+def evaluation_complete(paths: Paths) -> bool:
+    """True if evaluation.json exists and is newer than the weights it evaluated (best.pt)."""
+    return _newer_than(paths.run_dir / "evaluation.json", [paths.run_dir / "checkpoints" / "best.pt"])
+
+
+def _newer_than(output: Path, inputs: list[Path]) -> bool:
+    if not output.is_file():
+        return False
+    return all(output.stat().st_mtime >= p.stat().st_mtime for p in inputs if p.is_file())
+
+
 def evaluate_stage(paths: Paths) -> None:
     from galaxyvae.evaluation import evaluate
 
@@ -202,26 +213,24 @@ def evaluate_stage(paths: Paths) -> None:
 
 
 def figures_complete(paths: Paths) -> bool:
-    from galaxyvae.figures import missing_figures
+    """True if every figure exists and is newer than the model and evaluation it shows."""
+    from galaxyvae.figures import out_of_date_figures
 
-    return not missing_figures(paths.run_dir)
+    return not out_of_date_figures(paths.run_dir)
 
 
 def figures_stage(paths: Paths) -> None:
-    from galaxyvae.figures import make_run_figures, missing_figures
+    from galaxyvae.figures import make_run_figures, out_of_date_figures
 
-    make_run_figures(paths.run_dir, seed=paths.seed, only=missing_figures(paths.run_dir),
+    make_run_figures(paths.run_dir, seed=paths.seed, only=out_of_date_figures(paths.run_dir), overwrite=True,
                      n_conditional=paths.plan.n_conditional, n_samples=paths.plan.n_samples,
                      max_tsne=paths.plan.max_tsne)
 
 
 def report_complete(paths: Paths) -> bool:
     """True if report.html exists and is newer than the evaluation and every figure it embeds."""
-    report = paths.run_dir / "report.html"
-    if not report.is_file():
-        return False
     inputs = [paths.run_dir / "evaluation.json", *sorted((paths.run_dir / "figures").glob("*.png"))]
-    return all(report.stat().st_mtime >= p.stat().st_mtime for p in inputs if p.is_file())
+    return _newer_than(paths.run_dir / "report.html", inputs)
 
 
 def report_stage(paths: Paths) -> None:

@@ -22,6 +22,7 @@ from galaxyvae.provenance import utc_now
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.html"
+PIPELINE_STAGES = ("simulate", "train", "evaluate", "figures", "report")
 PAPER = {"mse_win_fraction": 0.971, "likelihood_win_fraction": 0.972}
 """The paper's held-out results against the Gaussian fit (Regier, McAuliffe & Prabhat)."""
 
@@ -222,10 +223,20 @@ def pipeline_timings(run_dir: Path) -> str:
     record = read_json(path, required=False)
     if not record or Path(record.get("run_dir", "")).resolve() != run_dir.resolve():
         return ""
-    rows = [[name, f"{stage.get('seconds', float('nan')):.1f} s", stage.get("status", "")]
-            for name, stage in record.get("stages", {}).items()]
-    return html_table(["stage", "time", "status"], rows) + key_value_table(
-        {k: v for k, v in record.items() if k not in ("stages", "invocations")})
+    stages = record.get("stages", {})
+    order = [name for name in PIPELINE_STAGES if name in stages] + sorted(set(stages) - set(PIPELINE_STAGES))
+    rows = [[name, _seconds(stages[name].get("seconds")), stages[name].get("status", "")] for name in order]
+    rows.append(["all stages", _seconds(record.get("total_seconds")), ""])
+    invocations = record.get("invocations", [])
+    settings = {k: v for k, v in record.items() if k not in ("stages", "invocations", "versions", "total_seconds")}
+    settings["invocations"] = len(invocations)
+    return html_table(["stage", "time", "status"], rows) + key_value_table(settings)
+
+
+def _seconds(value) -> str:
+    if value is None:
+        return "?"
+    return f"{value:.1f} s" if value < 120 else f"{value / 60:.1f} min"
 
 
 # --- HTML helpers ----------------------------------------------------------------------------
@@ -241,8 +252,16 @@ def html_table(header: list[str], rows: list[list]) -> str:
 
 def _cell(value) -> str:
     text = str(value)
-    numeric = re.fullmatch(r"[-+]?[\d.,]+(e[-+]?\d+)?%?( \(.*\))?", text.strip()) is not None
+    numeric = _is_number(re.sub(r"%?( \(.*\))?$", "", text.strip()).replace(",", ""))
     return f'<td class="num">{html.escape(text)}</td>' if numeric else f"<td>{html.escape(text)}</td>"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def key_value_table(mapping: dict | None) -> str:
@@ -343,7 +362,10 @@ def with_interval(value, interval) -> str:
 
 
 def number(value) -> str:
-    """Four significant figures, or '?' when missing."""
+    """Four significant figures (thousands separated, no exponent between 1e-3 and 1e7), or '?'."""
     if value is None or value != value:
         return "?"
-    return f"{float(value):.4g}"
+    value = float(value)
+    if 1e3 <= abs(value) < 1e7:
+        return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:,.1f}"
+    return f"{value:.4g}"
