@@ -174,18 +174,25 @@ def add_evaluate(commands) -> None:
     p = commands.add_parser("evaluate", help="held-out metrics against per-image Gaussian and Sersic fits")
     p.add_argument("run_dir", type=Path, help="run directory made by `galaxyvae train`")
     p.add_argument("data", type=Path, nargs="?", default=None,
-                   help="data set whose held-out split to use (default: the run's own)")
+                   help="data set whose held-out split to use (default: the run's own); the results "
+                        "for another data set go to RUN_DIR/evaluations/<its stem>/")
     p.add_argument("--importance-samples", type=int, default=64,
                    help="samples k of the importance-weighted estimate of log p(x)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo estimates and bootstrap")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best",
+                   help="weights to evaluate (default: best held-out ELBO)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    _overwrite_flag(p)
     p.set_defaults(run=run_evaluate)
 
 
 def run_evaluate(args) -> int:
     from galaxyvae.evaluation import evaluate
 
-    result = evaluate(args.run_dir, args.data, importance_samples=args.importance_samples, seed=args.seed)
+    result = evaluate(args.run_dir, args.data, importance_samples=args.importance_samples, seed=args.seed,
+                      overwrite=args.overwrite, progress=args.progress, checkpoint=args.checkpoint)
     print(result.table_markdown())
+    log.info("wrote %s", ", ".join(str(p) for p in result.paths.values()))
     return 0
 
 
