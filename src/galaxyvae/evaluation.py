@@ -194,9 +194,9 @@ def evaluate(run_dir: str | Path, data_path: str | Path | None = None, importanc
         raise InputError(f"importance_samples must be at least 1, not {importance_samples}")
     model = load_trained_run(run_dir, checkpoint)
     data_path = Path(data_path) if data_path is not None else Path(model.data_path)
+    dataset, file_index = read_held_out(data_path, model.config.model.image_size)
     out_dir = output_folder(Path(run_dir), data_path, Path(model.data_path))
     check_outputs_writable(out_dir, overwrite)
-    dataset, file_index = read_held_out(data_path, model.config.model.image_size)
     started = time.perf_counter()
     columns, timings = per_image_metrics(model, dataset, file_index, importance_samples, seed, progress)
     summary = summarize(columns, dataset, model, importance_samples=importance_samples, seed=seed,
