@@ -169,6 +169,27 @@ def test_bits_per_pixel_keeps_the_sign_of_the_nats():
     assert bits_per_pixel(1000.0, n_pixels) == pytest.approx(1000.0 / n_pixels / math.log(2))
 
 
+def test_table_states_both_claims_for_each_baseline_beside_the_paper():
+    from galaxyvae.report import markdown_to_html
+
+    baseline = {"mse_win_fraction": 0.983, "mse_win_ci95": [0.975, 0.99], "likelihood_win_fraction": 0.5,
+                "likelihood_win_ci95": [0.47, 0.53], "mean_mse": 1e-3, "median_mse": 8e-4,
+                "fit_converged_fraction": 0.999}
+    vae = {"mean_mse": 2e-4, "median_mse": 1e-4, "mean_loglik_nats": 9000.0, "elbo_nats": 8000.0,
+           "elbo_bits_per_pixel": 2.42, "log_px_iw_nats": 8100.0, "log_px_iw_bits_per_pixel": 2.45,
+           "negative_log_px_iw_bits_per_pixel": -2.45, "calibration_within_1sigma": 0.7,
+           "calibration_within_2sigma": 0.96}
+    summary = {"n_images": 1000, "n_pixels": 4761, "data": "/d/survey.h5", "pixel_units": "nanomaggies",
+               "importance_samples": 64, "vae": vae, "paper": evaluation.PAPER,
+               "baselines": {"gaussian": baseline, "sersic": dict(baseline, mse_win_fraction=0.61)}}
+    table = evaluation.render_table(summary)
+    assert "| f_μ(g_μ(x)) has lower MSE than x̂ | 97.1% | 98.3% [97.5%, 99.0%] | 61.0% [97.5%, 99.0%] |" in table
+    assert "| 97.2% | 50.0% [47.0%, 53.0%] |" in table
+    assert "On 98.3% of held-out images" in table and "On 61.0% of held-out images" in table
+    assert "68.3%" in table and "95.4%" in table and "| -2.45 |" in table
+    assert markdown_to_html(table).count("<table>") == 3
+
+
 # --- evaluate end to end on a tiny trained run -----------------------------------------------
 
 @pytest.fixture(scope="module")
