@@ -27,11 +27,14 @@ STAMP_SIZE = 69
 
 _SUBMODULES = {
     "dataset", "simulation", "ingest", "imaging", "model", "training", "baselines",
-    "evaluation", "figures", "report", "pipeline", "cli", "provenance",
+    "evaluation", "figures", "report", "pipeline", "cli", "provenance", "runs",
 }
+_LAZY_ATTRIBUTES = {"load_run": "runs"}
 
 
 def __getattr__(name):
     if name in _SUBMODULES:
         return import_module(f"galaxyvae.{name}")
+    if name in _LAZY_ATTRIBUTES:
+        return getattr(import_module(f"galaxyvae.{_LAZY_ATTRIBUTES[name]}"), name)
     raise AttributeError(f"module 'galaxyvae' has no attribute {name!r}")

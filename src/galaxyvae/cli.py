@@ -164,7 +164,9 @@ def run_train(args) -> int:
     from galaxyvae.config import TrainConfig, config_from_arguments
     from galaxyvae.training import train
 
-    train(args.data, args.out, config_from_arguments(args, TrainConfig), resume=args.resume, init=args.init)
+    run_dir = train(args.data, args.out, config_from_arguments(args, TrainConfig), resume=args.resume,
+                    init=args.init, progress=args.quiet == 0 and sys.stderr.isatty())
+    log.info("trained: %s", run_dir)
     return 0
 
 

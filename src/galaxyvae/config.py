@@ -15,13 +15,25 @@ from typing import Any
 @dataclass
 class ModelConfig:
     """Shape of the VAE. Defaults are the paper's: 69x69 pixels, z 8-dimensional, two hidden
-    layers of 128 ReLU units in both encoder g and decoder f."""
+    layers of 128 ReLU units in both encoder g and decoder f.
+
+    The variance bounds guard the exponential output nonlinearities (see ``docs/model.md``);
+    they are in units of the scaled pixels, where 1 is the sky-noise variance.
+    """
 
     image_size: int = field(default=69, metadata={"help": "side of the square images in pixels"})
     latent_dim: int = field(default=8, metadata={"help": "dimension of z"})
     hidden: int = field(default=128, metadata={"help": "units per hidden layer"})
     hidden_layers: int = field(default=2, metadata={"help": "hidden layers in encoder and decoder"})
     arch: str = field(default="mlp", metadata={"help": "architecture", "choices": ["mlp"]})
+    pixel_variance_min: float = field(
+        default=1e-4, metadata={"help": "soft floor of the per-pixel variance f_sigma, in sky-noise variances"})
+    pixel_variance_max: float = field(
+        default=1e6, metadata={"help": "soft ceiling of the per-pixel variance f_sigma, in sky-noise variances"})
+    latent_variance_min: float = field(
+        default=1e-6, metadata={"help": "soft floor of the variances g_sigma of q(z|x)"})
+    latent_variance_max: float = field(
+        default=1e2, metadata={"help": "soft ceiling of the variances g_sigma of q(z|x)"})
 
 
 @dataclass
@@ -29,12 +41,19 @@ class TrainConfig:
     """How to fit the model by stochastic variational inference."""
 
     epochs: int = field(default=100, metadata={"help": "passes over the training split"})
-    batch_size: int = field(default=128, metadata={"help": "images per gradient step"})
+    batch_size: int = field(default=128, metadata={"help": "images per gradient step (over all processes)"})
     learning_rate: float = field(default=1e-3, metadata={"help": "Adam step size"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, batching and noise"})
     mc_samples: int = field(default=1, metadata={"help": "reparameterised samples of z per image (k)"})
     augment: bool = field(default=False, metadata={"help": "random flips and 90-degree rotations"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+    precision: str = field(default="fp32", metadata={
+        "help": "fp32, or bf16 autocast of the matrix products (the loss stays fp32)", "choices": ["fp32", "bf16"]})
+    compile: str = field(default="auto", metadata={
+        "help": "torch.compile the training step: on, off, or auto (on unless the training split is tiny)",
+        "choices": ["auto", "on", "off"]})
+    threads: int = field(default=0, metadata={
+        "help": "CPU threads per process; 0: OMP_NUM_THREADS if set, else the available cores"})
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def to_dict(self) -> dict[str, Any]:

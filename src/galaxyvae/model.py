@@ -1,0 +1,225 @@
+"""The paper's VAE: a decoder that gives every pixel its own mean and its own variance.
+
+Generative model (Regier, McAuliffe & Prabhat)::
+
+    z ~ N(0, I)                                   (latent_dim, default 8)
+    x | z ~ N(f_mu(z), diag f_sigma(z))           (69 * 69 = 4,761 pixels)
+
+and the variational posterior ``q(z | x) = N(g_mu(x), diag g_sigma(x))``. Both f and g are
+multilayer perceptrons (two hidden layers of 128 ReLU units by default); the two variance
+outputs pass through exponential nonlinearities of a softly bounded log-variance (see
+``bounded_log_variance``), so that the loss is finite for any finite input.
+
+The network works on *scaled* pixels (``PixelScaling``: subtract a robust offset, divide by
+the sky-noise scale), fitted on the training split and stored with the weights as buffers.
+Every likelihood that leaves this module through ``*_data_units`` functions or
+``galaxyvae.runs`` is converted back to the data set's pixel units by the log-Jacobian.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from galaxyvae.config import ModelConfig
+from galaxyvae.errors import InputError
+
+LOG_2PI = math.log(2 * math.pi)
+BORDER_WIDTH = 5
+"""Width in pixels of the stamp border whose pixels estimate the sky level and noise."""
+MAD_TO_SIGMA = 1.482602218505602
+"""Median absolute deviation of a normal distribution, in standard deviations: 1 / Phi^-1(3/4)."""
+SCALING_SAMPLE = 4096
+"""Images (evenly spaced through the training split) used to fit the pixel scaling."""
+
+
+@dataclass(frozen=True)
+class PixelScaling:
+    """The affine map between data units and the network's units: ``scaled = (x - offset) / scale``.
+
+    offset: a robust sky level in data units (median of the stamps' border pixels)
+    scale:  a robust sky-noise standard deviation in data units (1.4826 x their MAD)
+
+    Densities transform with the Jacobian: ``log p(x) = log p(scaled) - n_pixels * log(scale)``.
+    """
+
+    offset: float
+    scale: float
+
+    @classmethod
+    def fit(cls, images: np.ndarray) -> "PixelScaling":
+        """Fit on training images (N, H, W) in data units, from the pixels within ``BORDER_WIDTH``
+        of the edge, where the sky dominates: offset = median, scale = 1.4826 x MAD.
+
+        If the border is constant (e.g. quantised or zero-padded images), the scale falls back to
+        the standard deviation of all pixels, and to 1 for constant images.
+        """
+        images = np.asarray(images)
+        if images.ndim != 3 or len(images) == 0:
+            raise InputError(f"pixel scaling: expected training images of shape (N, H, W) with N > 0, got {images.shape}")
+        step = max(1, len(images) // SCALING_SAMPLE)
+        sample = images[::step].astype(np.float64)
+        border = np.ones(sample.shape[1:], bool)
+        border[BORDER_WIDTH:-BORDER_WIDTH, BORDER_WIDTH:-BORDER_WIDTH] = False
+        sky = sample[:, border]
+        offset = float(np.median(sky))
+        scale = MAD_TO_SIGMA * float(np.median(np.abs(sky - offset)))
+        if not scale > 0:
+            scale = float(sample.std())
+        if not scale > 0 or not math.isfinite(scale):
+            scale = 1.0
+        return cls(offset=offset, scale=scale)
+
+    def to_dict(self) -> dict[str, float]:
+        """Plain numbers for JSON and checkpoints."""
+        return {"offset": float(self.offset), "scale": float(self.scale)}
+
+
+def bounded_log_variance(raw: torch.Tensor, log_min: float, log_max: float) -> torch.Tensor:
+    """A log-variance equal to ``raw`` well inside [log_min, log_max] that bends smoothly onto the bounds.
+
+    ``log_min + softplus(raw - log_min) - softplus(raw - log_max)``: strictly increasing, within
+    ``log(2)`` of ``raw`` for raw inside the bounds by a few nats, and never outside them, so that
+    ``exp`` of it is a positive, finite variance with a floor, and ``1 / variance`` is finite.
+    """
+    return log_min + F.softplus(raw - log_min) - F.softplus(raw - log_max)
+
+
+def gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """Elementwise ``log N(x; mean, exp(log_var))`` in nats (broadcasting)."""
+    return -0.5 * (LOG_2PI + log_var + (x - mean).square() * torch.exp(-log_var))
+
+
+def kl_to_standard_normal(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """Closed-form ``KL[N(mean, diag exp(log_var)) || N(0, I)]`` over the last axis, in nats: (..., d) -> (...)."""
+    return 0.5 * (torch.exp(log_var) + mean.square() - 1.0 - log_var).sum(-1)
+
+
+def _mlp(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+class GalaxyVAE(nn.Module):
+    """Encoder g: pixels -> (g_mu, g_sigma); decoder f: z -> (f_mu, f_sigma), per-pixel.
+
+    Images enter as flattened, scaled pixels ``x: (B, n_pixels)`` float32 (see ``scale``). The
+    pixel scaling is held in the buffers ``pixel_offset`` and ``pixel_scale`` and saved with the
+    weights. Outputs are in scaled units unless a method says "data units".
+    """
+
+    def __init__(self, config: ModelConfig | None = None, scaling: PixelScaling | None = None):
+        super().__init__()
+        self.config = config = config or ModelConfig()
+        if config.arch != "mlp":
+            raise InputError(f"model arch: only 'mlp' is implemented, not {config.arch!r}")
+        for name in ("image_size", "latent_dim", "hidden", "hidden_layers"):
+            if getattr(config, name) < 1:
+                raise InputError(f"model {name} must be at least 1, not {getattr(config, name)}")
+        for what in ("pixel", "latent"):
+            low, high = getattr(config, f"{what}_variance_min"), getattr(config, f"{what}_variance_max")
+            if not 0 < low < high < math.inf:
+                raise InputError(f"model {what} variance bounds must satisfy 0 < min < max, got {low}, {high}")
+        self.n_pixels = config.image_size ** 2
+        self.latent_dim = config.latent_dim
+        hidden = [config.hidden] * config.hidden_layers
+        self.encoder = _mlp([self.n_pixels] + hidden)
+        self.encoder_head = nn.Linear(hidden[-1], 2 * config.latent_dim)
+        self.decoder = _mlp([config.latent_dim] + hidden)
+        self.decoder_head = nn.Linear(hidden[-1], 2 * self.n_pixels)
+        self.pixel_log_var_bounds = (math.log(config.pixel_variance_min), math.log(config.pixel_variance_max))
+        self.latent_log_var_bounds = (math.log(config.latent_variance_min), math.log(config.latent_variance_max))
+        scaling = scaling or PixelScaling(0.0, 1.0)
+        self.register_buffer("pixel_offset", torch.tensor(float(scaling.offset), dtype=torch.float64))
+        self.register_buffer("pixel_scale", torch.tensor(float(scaling.scale), dtype=torch.float64))
+
+    # --- pixel scaling ------------------------------------------------------------------------
+    @property
+    def scaling(self) -> PixelScaling:
+        """The stored pixel scaling."""
+        return PixelScaling(float(self.pixel_offset), float(self.pixel_scale))
+
+    def set_scaling(self, scaling: PixelScaling) -> None:
+        """Replace the stored pixel scaling (before training)."""
+        self.pixel_offset.fill_(float(scaling.offset))
+        self.pixel_scale.fill_(float(scaling.scale))
+
+    def scale(self, images: torch.Tensor) -> torch.Tensor:
+        """Data units (B, H, W) or (B, n_pixels) -> flattened scaled pixels (B, n_pixels) float32."""
+        flat = images.reshape(len(images), self.n_pixels)
+        return ((flat - self.pixel_offset) / self.pixel_scale).to(torch.float32)
+
+    def unscale_mean(self, mean: torch.Tensor) -> torch.Tensor:
+        """Scaled pixel means (B, n_pixels) -> data units (B, H, W) float32."""
+        side = self.config.image_size
+        return (mean.double() * self.pixel_scale + self.pixel_offset).float().reshape(-1, side, side)
+
+    def unscale_variance(self, variance: torch.Tensor) -> torch.Tensor:
+        """Scaled pixel variances (B, n_pixels) -> data units (B, H, W) float32."""
+        side = self.config.image_size
+        return (variance.double() * self.pixel_scale ** 2).float().reshape(-1, side, side)
+
+    def log_jacobian(self) -> float:
+        """``-n_pixels * log(scale)``: add to a log-density of scaled pixels to get data units (nats)."""
+        return -self.n_pixels * math.log(float(self.pixel_scale))
+
+    # --- the two networks -----------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled pixels (B, n_pixels) -> mean and log-variance of q(z|x), each (B, latent_dim)."""
+        mean, raw = self.encoder_head(self.encoder(x)).float().chunk(2, dim=-1)
+        return mean, bounded_log_variance(raw, *self.latent_log_var_bounds)
+
+    def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents (B, latent_dim) -> f_mu and log f_sigma in scaled units, each (B, n_pixels)."""
+        mean, raw = self.decoder_head(self.decoder(z)).float().chunk(2, dim=-1)
+        return mean, bounded_log_variance(raw, *self.pixel_log_var_bounds)
+
+    # --- the objective --------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The per-image negative ELBO (see ``negative_elbo``); the training step calls this."""
+        return self.negative_elbo(x, noise)
+
+    def negative_elbo(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Per-image negative ELBO in nats, scaled units: x (B, n_pixels), noise eps (k, B, latent_dim) -> (B,).
+
+        ``-E_q[log N(x; f_mu(z), diag f_sigma(z))] + KL[q(z|x) || N(0, I)]``, the expectation by
+        the reparameterisation ``z = g_mu + sqrt(g_sigma) * eps`` averaged over the k draws, the KL
+        in closed form. This is the training hot path; ``negative_elbo_reference`` computes the
+        same with ``torch.distributions``.
+        """
+        q_mean, q_log_var = self.encode(x)
+        k, batch = noise.shape[0], x.shape[0]
+        z = q_mean + torch.exp(0.5 * q_log_var) * noise
+        mean, log_var = self.decode(z.reshape(k * batch, self.latent_dim))
+        if k > 1:
+            mean, log_var = mean.reshape(k, batch, -1), log_var.reshape(k, batch, -1)
+        squared = (x - mean).square() * torch.exp(-log_var)
+        neg_log_lik = 0.5 * (squared + log_var).sum(-1) + 0.5 * LOG_2PI * self.n_pixels
+        if k > 1:
+            neg_log_lik = neg_log_lik.mean(0)
+        return neg_log_lik + kl_to_standard_normal(q_mean, q_log_var)
+
+    def negative_elbo_reference(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """``negative_elbo`` written with ``torch.distributions`` (slower; the tests compare the two)."""
+        from torch.distributions import Independent, Normal, kl_divergence
+
+        q_mean, q_log_var = self.encode(x)
+        q = Independent(Normal(q_mean, torch.exp(0.5 * q_log_var)), 1)
+        prior = Independent(Normal(torch.zeros_like(q_mean), torch.ones_like(q_mean)), 1)
+        z = q.mean + q.stddev * noise  # the same eps as the hot path, so the two agree exactly
+        mean, log_var = self.decode(z.reshape(-1, self.latent_dim))
+        mean, log_var = mean.reshape(*noise.shape[:2], -1), log_var.reshape(*noise.shape[:2], -1)
+        log_lik = Independent(Normal(mean, torch.exp(0.5 * log_var)), 1).log_prob(x)
+        return -log_lik.mean(0) + kl_divergence(q, prior)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
