@@ -50,7 +50,9 @@ OTHER_DATA_FOLDER = "evaluations"
 """Evaluations of data sets other than the run's own go to RUN_DIR/evaluations/<stem>/."""
 
 IMAGES_PER_CHUNK = 250
-"""Images per call into the model: bounds memory and paces the progress bars."""
+"""Images per call into the model and the fitters: bounds memory and paces the progress bars."""
+DECODES_PER_CALL = 4096
+"""Monte Carlo estimates decode images x samples at once: chunks hold this many decodes at most."""
 
 _BOOTSTRAP_BLOCK = 4_000_000
 """Resampled indices held in memory at once by the bootstrap."""
@@ -193,9 +195,11 @@ def evaluate(run_dir: str | Path, data_path: str | Path | None = None, importanc
     if importance_samples < 1:
         raise InputError(f"importance_samples must be at least 1, not {importance_samples}")
     model = load_trained_run(run_dir, checkpoint)
+    if data_path is None and model.data_path is None:
+        raise InputError(f"{run_dir}: config.json names no data set; give the data set to evaluate on")
     data_path = Path(data_path) if data_path is not None else Path(model.data_path)
     dataset, file_index = read_held_out(data_path, model.config.model.image_size)
-    out_dir = output_folder(Path(run_dir), data_path, Path(model.data_path))
+    out_dir = output_folder(Path(run_dir), data_path, model.data_path)
     check_outputs_writable(out_dir, overwrite)
     started = time.perf_counter()
     columns, timings = per_image_metrics(model, dataset, file_index, importance_samples, seed, progress)
@@ -219,9 +223,9 @@ def load_trained_run(run_dir: str | Path, checkpoint: str = "best"):
     return load_run(run_dir, checkpoint=checkpoint)
 
 
-def output_folder(run_dir: Path, data_path: Path, run_data_path: Path) -> Path:
+def output_folder(run_dir: Path, data_path: Path, run_data_path: Path | None) -> Path:
     """The run directory for the run's own data set, RUN_DIR/evaluations/<stem>/ for another."""
-    if _same_file(data_path, run_data_path):
+    if run_data_path is not None and _same_file(data_path, Path(run_data_path)):
         return run_dir
     return run_dir / OTHER_DATA_FOLDER / data_path.stem
 
@@ -282,15 +286,16 @@ def per_image_metrics(model, dataset, file_index: np.ndarray, importance_samples
     columns.update(reconstruction_metrics(model, images, progress))
     timings["reconstruction"] = time.perf_counter() - clock
     clock = time.perf_counter()
+    chunk = max(1, DECODES_PER_CALL // importance_samples)
     columns["elbo"] = _chunked(lambda x, s: model.elbo(x, mc_samples=importance_samples, seed=s),
-                               images, seed, progress, f"ELBO ({importance_samples} samples)")
+                               images, seed, chunk, progress, f"ELBO ({importance_samples} samples)")
     columns["log_px_iw"] = _chunked(lambda x, s: model.importance_log_likelihood(x, k=importance_samples, seed=s),
-                                    images, seed + 1, progress, f"log p(x), k={importance_samples}")
+                                    images, seed + 1, chunk, progress, f"log p(x), k={importance_samples}")
     timings["monte_carlo"] = time.perf_counter() - clock
     fit_sky = not bool(dataset.attrs["sky_subtracted"])
     for name in BASELINE_NAMES:
         clock = time.perf_counter()
-        columns.update(baseline_metrics(name, images, columns, fit_sky))
+        columns.update(baseline_metrics(name, images, columns, fit_sky, progress))
         timings[f"fit_{name}"] = time.perf_counter() - clock
     return columns, timings
 
@@ -298,7 +303,7 @@ def per_image_metrics(model, dataset, file_index: np.ndarray, importance_samples
 def reconstruction_metrics(model, images: np.ndarray, progress: bool = True) -> dict[str, np.ndarray]:
     """MSE, log-likelihood and calibration of N(f_mu(g_mu(x)), f_sigma(g_mu(x))), per image."""
     parts = []
-    for chunk in _progress(_chunks(len(images)), progress, "reconstructing"):
+    for chunk in _progress(_chunks(len(images), IMAGES_PER_CHUNK), progress, "reconstructing"):
         x = images[chunk]
         z_mean, _ = model.encode(x)
         mean, variance = model.decode(z_mean)
@@ -312,22 +317,25 @@ def reconstruction_metrics(model, images: np.ndarray, progress: bool = True) -> 
 
 
 def baseline_metrics(name: str, images: np.ndarray, columns: dict[str, np.ndarray],
-                     fit_sky: bool) -> dict[str, np.ndarray]:
+                     fit_sky: bool, progress: bool = True) -> dict[str, np.ndarray]:
     """Fit baseline ``name`` to every image; its MSE, best-sigma log-likelihood, the VAE's wins."""
     from galaxyvae import baselines
 
     fitter = {"gaussian": baselines.fit_gaussian, "sersic": baselines.fit_sersic}[name]
     log.info("fitting a %s profile%s to %d images", BASELINE_LABELS[name],
              " plus a constant sky level" if fit_sky else "", len(images))
-    fit = fitter(images, fit_sky=fit_sky)
-    mse = mean_squared_error(images, fit.model_images)
-    loglik = np.asarray(baselines.max_gaussian_log_likelihood(images, fit.model_images), np.float64)
+    fits = [fitter(images[chunk], fit_sky=fit_sky)
+            for chunk in _progress(_chunks(len(images), IMAGES_PER_CHUNK), progress, f"{name} fits")]
+    model_images = np.concatenate([fit.model_images for fit in fits])
+    converged = np.concatenate([fit.converged for fit in fits])
+    mse = mean_squared_error(images, model_images)
+    loglik = np.asarray(baselines.max_gaussian_log_likelihood(images, model_images), np.float64)
     return {
         f"mse_{name}": mse,
         f"loglik_{name}": loglik,
         f"mse_win_{name}": mse_wins(columns["mse_vae"], mse),
         f"likelihood_win_{name}": likelihood_wins(columns["loglik_vae"], loglik),
-        f"converged_{name}": np.asarray(fit.converged, bool),
+        f"converged_{name}": np.asarray(converged, bool),
     }
 
 
@@ -336,15 +344,15 @@ def _metadata_column(dataset, name: str, n: int) -> np.ndarray:
     return np.array([""] * n if values is None else [str(v) for v in values], dtype=object)
 
 
-def _chunks(n: int) -> list[slice]:
-    return [slice(start, min(start + IMAGES_PER_CHUNK, n)) for start in range(0, n, IMAGES_PER_CHUNK)]
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def _chunked(estimate: Callable[[np.ndarray, int], np.ndarray], images: np.ndarray, seed: int,
+def _chunked(estimate: Callable[[np.ndarray, int], np.ndarray], images: np.ndarray, seed: int, size: int,
              progress: bool, label: str) -> np.ndarray:
-    """Apply a Monte Carlo estimate chunk by chunk, each chunk with its own seed derived from ``seed``."""
+    """Apply a Monte Carlo estimate ``size`` images at a time, each chunk with its own seed from ``seed``."""
     parts = []
-    for number, chunk in enumerate(_progress(_chunks(len(images)), progress, label)):
+    for number, chunk in enumerate(_progress(_chunks(len(images), size), progress, label)):
         chunk_seed = int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
         parts.append(np.asarray(estimate(images[chunk], chunk_seed), np.float64))
     return np.concatenate(parts)
@@ -369,7 +377,7 @@ def summarize(columns: dict[str, np.ndarray], dataset, model, importance_samples
         "n_pixels": n_pixels,
         "pixel_units": dataset.attrs.get("pixel_units"),
         "data": str(Path(dataset.path).resolve()),
-        "data_provenance": data_provenance(dataset, Path(model.data_path)),
+        "data_provenance": data_provenance(dataset, model.data_path),
         "split": "held_out",
         "run_dir": str(Path(model.run_dir).resolve()),
         "checkpoint": checkpoint,
@@ -427,7 +435,7 @@ def baseline_summary(columns: dict[str, np.ndarray], name: str, seed: int) -> di
     return summary
 
 
-def data_provenance(dataset, run_data_path: Path) -> dict[str, Any]:
+def data_provenance(dataset, run_data_path: Path | None) -> dict[str, Any]:
     """Where the evaluated images came from: the file, its attributes and provenance record."""
     path = Path(dataset.path)
     stat = path.stat()
@@ -436,7 +444,7 @@ def data_provenance(dataset, run_data_path: Path) -> dict[str, Any]:
     return {
         "path": str(path.resolve()),
         "bytes": stat.st_size,
-        "is_the_runs_own_data": _same_file(path, run_data_path),
+        "is_the_runs_own_data": run_data_path is not None and _same_file(path, Path(run_data_path)),
         "attrs": {k: dataset.attrs[k] for k in keep if k in dataset.attrs},
         "provenance": dataset.provenance,
     }
