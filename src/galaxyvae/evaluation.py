@@ -561,7 +561,8 @@ def model_table_lines(summary: dict[str, Any]) -> list[str]:
         f"| pixels whose residual x − f_μ lies within ±2 √f_σ | {_percent(vae['calibration_within_2sigma'], 1)} | "
         f"{_percent(calibrated_fraction(2), 1)} |",
         "",
-        f"Densities are in {units}, so nats and bits depend on the pixel units; higher log p(x) is better.",
+        f"Pixel values are in {units}; densities, and so nats and bits, depend on those units. "
+        "Higher log p(x) is better; lower −log p(x) is better.",
     ]
 
 

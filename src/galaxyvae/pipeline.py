@@ -209,7 +209,8 @@ def _newer_than(output: Path, inputs: list[Path]) -> bool:
 def evaluate_stage(paths: Paths) -> None:
     from galaxyvae.evaluation import evaluate
 
-    evaluate(paths.run_dir, None, importance_samples=paths.plan.importance_samples, seed=paths.seed)
+    evaluate(paths.run_dir, None, importance_samples=paths.plan.importance_samples, seed=paths.seed,
+             overwrite=True)
 
 
 def figures_complete(paths: Paths) -> bool:
