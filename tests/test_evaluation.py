@@ -309,6 +309,23 @@ def test_cli_evaluates_another_data_set_beside_the_runs_own(trained_run, evaluat
     assert (run_dir / "evaluation.json").read_text() == own
 
 
+def test_baselines_fit_a_sky_level_when_the_data_are_not_sky_subtracted(trained_run, evaluated, tmp_path):
+    from galaxyvae.dataset import choose_held_out, write_dataset
+    from tests.helpers import gaussian_blobs
+
+    run_dir, _ = trained_run
+    noise = 0.05
+    path = write_dataset(tmp_path / "with-sky.h5", gaussian_blobs(12, seed=4, noise=noise) + 0.5,
+                         choose_held_out(12, 6, 0),
+                         attrs={"source": "test", "pixel_units": "arbitrary", "pixel_scale_arcsec": 0.396,
+                                "sky_subtracted": False})
+    result = evaluation.evaluate(run_dir, path, importance_samples=2, progress=False)
+    assert result.summary["fit_sky"] is True
+    # with the sky fitted, a Gaussian leaves only the noise: MSE close to noise^2
+    assert result.summary["baselines"]["gaussian"]["median_mse"] == pytest.approx(noise ** 2, rel=0.1)
+    assert result.output_dir == run_dir / "evaluations" / "with-sky"
+
+
 def test_a_missing_run_directory_is_named(tmp_path):
     with pytest.raises(InputError, match=str(tmp_path / "nowhere")):
         evaluation.evaluate(tmp_path / "nowhere")
