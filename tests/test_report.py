@@ -73,14 +73,22 @@ def test_report_embeds_every_figure_and_refers_to_nothing_outside(tmp_path):
     assert all(href.startswith("#") for href in re.findall(r'href="([^"]*)"', page))
 
 
-def test_report_tables_put_the_papers_numbers_beside_ours(tmp_path):
+def test_report_renders_table_md_as_html_tables(tmp_path):
     page = write_report(fake_evaluated_run(tmp_path / "run")).read_text()
-    assert "97.1%" in page and "97.2%" in page
-    assert "98.0% (94.0–100.0%)" in page and "82.0% (70.0–92.0%)" in page  # ours, both baselines
-    assert "VAE vs Sérsic fit" in page or "VAE vs S\u00e9rsic fit" in page
+    assert "<td>MSE win vs Gaussian</td>" in page and '<td class="num">97.1%</td>' in page
+    assert "<th>paper</th>" in page and "|---" not in page
+    assert "98.0% (94.0–100.0%)" not in page  # no second copy of the tables built from evaluation.json
+
+
+def test_without_table_md_the_tables_come_from_evaluation_json(tmp_path):
+    run = fake_evaluated_run(tmp_path / "run")
+    (run / "table.md").unlink()
+    page = write_report(run).read_text()
+    assert "97.1%" in page and "97.2%" in page  # the paper's numbers...
+    assert "98.0% (94.0–100.0%)" in page and "82.0% (70.0–92.0%)" in page  # ...beside ours, both baselines
+    assert "VAE vs S\u00e9rsic fit" in page
     for value in ("8,123.4", "2.462", "8,130.2", "2.464", "67.1%", "94.9%"):  # ELBO, log p(x), bits, calibration
         assert value in page
-    assert "<td>MSE win vs Gaussian</td>" in page  # table.md rendered as an HTML table
 
 
 def test_report_shows_config_provenance_versions_and_training(tmp_path):

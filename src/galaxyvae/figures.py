@@ -687,8 +687,11 @@ class _RunContext:
         from galaxyvae.runs import load_run
 
         model = load_run(run_dir)
-        return cls(run_dir=run_dir, model=model, held_out=read_dataset(model.data_path, split="held_out"),
-                   seed=seed)
+        data_path = model.data_path or _evaluated_data(run_dir)
+        if data_path is None:
+            raise InputError(f"{run_dir}: config.json names no data set and the run has not been evaluated; "
+                             "cannot find held-out images to draw")
+        return cls(run_dir=run_dir, model=model, held_out=read_dataset(data_path, split="held_out"), seed=seed)
 
     @property
     def units(self) -> str:
@@ -697,6 +700,14 @@ class _RunContext:
     @property
     def families(self) -> np.ndarray:
         return np.asarray(self.held_out.metadata.get("family", np.full(len(self.held_out), "")), dtype=str)
+
+
+def _evaluated_data(run_dir: Path) -> Path | None:
+    import json
+
+    path = run_dir / "evaluation.json"
+    data = json.loads(path.read_text(encoding="utf-8")).get("data") if path.is_file() else None
+    return Path(data) if data else None
 
 
 def choose_examples(families: np.ndarray, n: int, seed: int = 0) -> np.ndarray:

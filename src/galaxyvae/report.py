@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.html"
 PIPELINE_STAGES = ("simulate", "train", "evaluate", "figures", "report")
+EVALUATION_SETTINGS = ("n_images", "data", "checkpoint", "importance_samples", "elbo_samples", "seed",
+                       "bootstrap", "fit_sky", "pixel_units", "seconds", "created", "command")
+"""Entries of evaluation.json shown in the report's evaluation-settings table."""
 PAPER = {"mse_win_fraction": 0.971, "likelihood_win_fraction": 0.972}
 """The paper's held-out results against the Gaussian fit (Regier, McAuliffe & Prabhat)."""
 
@@ -117,18 +120,18 @@ def headline(evaluation: dict) -> str:
 
 
 def results_section(run_dir: Path, evaluation: dict) -> str:
-    """The comparison with the fits (paper's numbers beside ours) and the model's own scores,
-    then table.md as ``galaxyvae evaluate`` wrote it."""
-    parts = [
-        "<h3>Against the parametric fits (the paper's table)</h3>",
-        comparison_table(evaluation),
-        "<h3>The model's own scores</h3>",
-        model_table(evaluation),
-    ]
+    """table.md as ``galaxyvae evaluate`` wrote it (the paper-shaped table with the paper's numbers
+    beside ours, and the model's own scores), rendered as HTML; built from evaluation.json if
+    table.md is missing. Then the settings of the evaluation."""
     table_md = run_dir / "table.md"
     if table_md.is_file():
-        parts += ["<h3>table.md (as written by <code>galaxyvae evaluate</code>)</h3>",
-                  markdown_to_html(table_md.read_text(encoding="utf-8"))]
+        parts = [markdown_to_html(table_md.read_text(encoding="utf-8"))]
+    else:
+        parts = ["<h3>Against the parametric fits (the paper's table)</h3>", comparison_table(evaluation),
+                 "<h3>The model's own scores</h3>", model_table(evaluation)]
+    settings = {k: v for k, v in evaluation.items() if k in EVALUATION_SETTINGS}
+    if settings:
+        parts += ["<h3>Evaluation settings</h3>", key_value_table(settings)]
     return "\n".join(parts)
 
 
@@ -319,10 +322,16 @@ def markdown_to_html(text: str) -> str:
 
 def _markdown_table(lines: list[str]) -> str:
     rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
-    rows = [r for r in rows if not all(re.fullmatch(r":?-{2,}:?", c) for c in r if c)]
+    rule = next((r for r in rows if r and all(re.fullmatch(r":?-{2,}:?", c) for c in r)), [])
+    rows = [r for r in rows if r is not rule]
+    numeric = [cell.endswith(":") for cell in rule]
     header, body = rows[0], rows[1:]
     head = "".join(f"<th>{_inline(c)}</th>" for c in header)
-    cells = "\n".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in body)
+    cells = "\n".join(
+        "<tr>" + "".join(
+            f'<td class="num">{_inline(c)}</td>' if i < len(numeric) and numeric[i] else f"<td>{_inline(c)}</td>"
+            for i, c in enumerate(row)) + "</tr>"
+        for row in body)
     return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{cells}\n</tbody>\n</table>"
 
 
