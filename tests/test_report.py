@@ -117,7 +117,7 @@ def test_report_is_not_replaced_unless_asked(tmp_path):
 
 def test_markdown_tables_headings_and_escaping():
     rendered = markdown_to_html(TABLE_MD)
-    assert "<h4>Held-out comparison</h4>" in rendered
+    assert "<h3>Held-out comparison</h3>" in rendered
     assert rendered.count("<tr>") == 3 and "<th>paper</th>" in rendered and "---" not in rendered
     assert "<b>50</b>" in rendered and "<code>escaped</code>" in rendered and "x &lt; y" in rendered
 

@@ -302,7 +302,7 @@ def markdown_to_html(text: str) -> str:
                 i += 1
             blocks.append(_markdown_table(table))
         elif line.startswith("#"):
-            level = min(len(line) - len(line.lstrip("#")) + 2, 6)
+            level = min(max(len(line) - len(line.lstrip("#")) + 1, 3), 6)  # below the page's own h2
             blocks.append(f"<h{level}>{_inline(line.lstrip('#').strip())}</h{level}>")
             i += 1
         elif line.startswith(("- ", "* ")):
