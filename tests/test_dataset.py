@@ -92,3 +92,13 @@ def test_summary_reports_counts_and_families(tmp_path):
     text = summarize(read_dataset(write_blob_dataset(tmp_path / "d.h5", n=20, n_held_out=4)))
     assert "20 x 69x69 (16 train, 4 held out)" in text
     assert "blob-a: 10" in text and "blob-b: 10" in text
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    path = write_blob_dataset(tmp_path / "d.h5", n=10, n_held_out=2)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
