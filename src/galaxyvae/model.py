@@ -34,6 +34,8 @@ BORDER_WIDTH = 5
 """Width in pixels of the stamp border whose pixels estimate the sky level and noise."""
 MAD_TO_SIGMA = 1.482602218505602
 """Median absolute deviation of a normal distribution, in standard deviations: 1 / Phi^-1(3/4)."""
+KNEE = 2.0
+"""Nats inside each log-variance bound where the soft bending starts (``bounded_log_variance``)."""
 SCALING_SAMPLE = 4096
 """Images (evenly spaced through the training split) used to fit the pixel scaling."""
 
@@ -81,13 +83,20 @@ class PixelScaling:
 
 
 def bounded_log_variance(raw: torch.Tensor, log_min: float, log_max: float) -> torch.Tensor:
-    """A log-variance equal to ``raw`` well inside [log_min, log_max] that bends smoothly onto the bounds.
+    """A log-variance equal to ``raw`` inside [log_min + KNEE, log_max - KNEE] that bends smoothly onto the bounds.
 
-    ``log_min + softplus(raw - log_min) - softplus(raw - log_max)``: strictly increasing, within
-    ``log(2)`` of ``raw`` for raw inside the bounds by a few nats, and never outside them, so that
-    ``exp`` of it is a positive, finite variance with a floor, and ``1 / variance`` is finite.
+    Beyond a knee at ``t = log_max - KNEE`` the value is ``t + KNEE * s / (1 + s)`` with
+    ``s = (raw - t) / KNEE`` (and the mirror image below ``log_min + KNEE``): continuous with slope 1
+    at the knee, strictly increasing, and never outside [log_min, log_max]. So ``exp`` of it is the
+    paper's exponential nonlinearity wherever the variance is sensible, always a positive, finite
+    variance above a floor, and its gradient decays only polynomially (a pixel pushed far out can
+    come back). It costs a few multiplications, no transcendental function.
     """
-    return log_min + F.softplus(raw - log_min) - F.softplus(raw - log_max)
+    knee = min(KNEE, (log_max - log_min) / 4)
+    low, high = log_min + knee, log_max - knee
+    over = (raw - high).clamp(min=0) / knee
+    under = (low - raw).clamp(min=0) / knee
+    return raw.clamp(low, high) + knee * (over / (1 + over) - under / (1 + under))
 
 
 def gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
@@ -98,6 +107,12 @@ def gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Ten
 def kl_to_standard_normal(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     """Closed-form ``KL[N(mean, diag exp(log_var)) || N(0, I)]`` over the last axis, in nats: (..., d) -> (...)."""
     return 0.5 * (torch.exp(log_var) + mean.square() - 1.0 - log_var).sum(-1)
+
+
+def _full_precision(outputs: torch.Tensor) -> torch.Tensor:
+    """Half-precision outputs (under bf16 autocast) as float32, so that the likelihood is never
+    computed in 8-bit mantissas; float32 and float64 pass through."""
+    return outputs.float() if outputs.dtype in (torch.bfloat16, torch.float16) else outputs
 
 
 def _mlp(sizes: list[int]) -> nn.Sequential:
@@ -173,12 +188,12 @@ class GalaxyVAE(nn.Module):
     # --- the two networks -----------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled pixels (B, n_pixels) -> mean and log-variance of q(z|x), each (B, latent_dim)."""
-        mean, raw = self.encoder_head(self.encoder(x)).float().chunk(2, dim=-1)
+        mean, raw = _full_precision(self.encoder_head(self.encoder(x))).chunk(2, dim=-1)
         return mean, bounded_log_variance(raw, *self.latent_log_var_bounds)
 
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents (B, latent_dim) -> f_mu and log f_sigma in scaled units, each (B, n_pixels)."""
-        mean, raw = self.decoder_head(self.decoder(z)).float().chunk(2, dim=-1)
+        mean, raw = _full_precision(self.decoder_head(self.decoder(z))).chunk(2, dim=-1)
         return mean, bounded_log_variance(raw, *self.pixel_log_var_bounds)
 
     # --- the objective --------------------------------------------------------------------------

@@ -478,8 +478,7 @@ class Trainer:
             x = self.train_x.index_select(0, plan[i])
             if elements is not None:
                 x = torch.gather(x, 1, self.dihedral[elements[i, ctx.rank::ctx.world_size].to(self.device)])
-            with autocast:
-                losses = self.network(x, noise[i])
+            losses = self._losses(x, noise[i], autocast)
             loss = losses.sum() * weight
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -498,6 +497,23 @@ class Trainer:
                 f"the training loss became {train_loss} in epoch {epoch}; lower --learning-rate "
                 f"(now {config.learning_rate}); {self.paths.checkpoint('last')} keeps the last good epoch")
         return train_loss, steps * batch / seconds
+
+    def _losses(self, x: torch.Tensor, noise: torch.Tensor, autocast) -> torch.Tensor:
+        """Per-image negative ELBO of a batch; with ``compile="auto"``, falls back to eager mode
+        (with a warning) if compilation fails, e.g. for want of a C++ compiler."""
+        try:
+            with autocast:
+                return self.network(x, noise)
+        except Exception as err:  # inductor reports failures under many types
+            if not (self.compiled and self.config.compile == "auto"):
+                raise
+            log.warning("torch.compile failed (%s); training without it", str(err).splitlines()[0][:200])
+            self.compiled = False
+            self.network = self._wrap(self.model)
+            if self.context.is_main:
+                self._write_versions()
+            with autocast:
+                return self.network(x, noise)
 
     def _progress_bar(self, epoch: int, steps: int):
         if not self.progress:
@@ -546,11 +562,15 @@ class Trainer:
         if self.init is not None:
             extra["init"] = str(self.init)
         write_json_atomic(paths.config, {**self.config.to_dict(), **extra})
-        execution = {"device": str(self.device), "torch_threads": self.threads,
-                     "world_size": self.context.world_size, "compiled": self.compiled}
-        write_json_atomic(paths.versions, {**library_versions(), "execution": execution})
+        self._write_versions()
         write_json_atomic(paths.data, self.data_info)
         write_log(paths.log, self.history)
+
+    def _write_versions(self) -> None:
+        execution = {"device": str(self.device), "torch_threads": self.threads,
+                     "world_size": self.context.world_size, "compiled": self.compiled,
+                     "precision": self.config.precision}
+        write_json_atomic(self.paths.versions, {**library_versions(), "execution": execution})
 
     def _write_epoch(self, held_out_elbo: float) -> None:
         improved = held_out_elbo > self.best_elbo

@@ -1,0 +1,295 @@
+import csv
+import json
+import math
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from galaxyvae import training
+from galaxyvae.cli import main
+from galaxyvae.config import ModelConfig, TrainConfig
+from galaxyvae.dataset import DatasetError, choose_held_out, write_dataset
+from galaxyvae.errors import InputError
+from galaxyvae.runs import LOG_COLUMNS, CheckpointError, load_checkpoint
+from galaxyvae.training import (
+    DistributedContext, RunExistsError, batch_plan, choose_device, configure_threads, dihedral_indices, train,
+)
+from tests.helpers import gaussian_blobs, write_blob_dataset
+
+
+def tiny(**changes) -> TrainConfig:
+    """A config small enough for a test: a narrow network, a few epochs, no compilation."""
+    settings = dict(epochs=2, batch_size=8, compile="off", threads=1, device="cpu",
+                    model=ModelConfig(hidden=16))
+    settings.update(changes)
+    return TrainConfig(**settings)
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_blob_dataset(tmp_path / "blobs.h5", n=48, n_held_out=8)
+
+
+def weights(run_dir, name="last"):
+    return load_checkpoint(run_dir / "checkpoints" / f"{name}.pt")["model_state"]
+
+
+def same_weights(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def log_rows(run_dir):
+    with (run_dir / "log.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_a_run_directory_holds_config_versions_data_log_and_checkpoints(tmp_path, data):
+    run = train(data, tmp_path / "run", tiny(epochs=3), progress=False)
+    config = json.loads((run / "config.json").read_text())
+    assert config.pop("data") == str(data.resolve())
+    assert TrainConfig.from_dict(config) == tiny(epochs=3)
+    versions = json.loads((run / "versions.json").read_text())
+    assert versions["torch"] == torch.__version__ and versions["execution"]["world_size"] == 1
+    record = json.loads((run / "data.json").read_text())
+    assert (record["n_train"], record["n_held_out"], record["path"]) == (40, 8, str(data.resolve()))
+    assert record["attrs"]["source"] == "test-blobs" and record["provenance"] == {"made_by": "tests.helpers"}
+    rows = log_rows(run)
+    assert tuple(rows[0]) == LOG_COLUMNS and [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert [int(r["step"]) for r in rows] == [5, 10, 15]          # 40 training images, batches of 8
+    best_epoch = 1 + int(np.argmax([float(r["held_out_elbo"]) for r in rows]))
+    for name, epoch in (("last", 3), ("best", best_epoch)):
+        checkpoint = torch.load(run / "checkpoints" / f"{name}.pt", weights_only=True)
+        assert checkpoint["epoch"] == epoch
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.json", "data.json", "log.csv",
+                                                     "versions.json"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_training_lowers_the_loss_and_raises_the_held_out_elbo(tmp_path):
+    data = write_blob_dataset(tmp_path / "blobs.h5", n=160, n_held_out=32)
+    run = train(data, tmp_path / "run", tiny(epochs=6, batch_size=16, model=ModelConfig(hidden=32)), progress=False)
+    rows = log_rows(run)
+    loss = [float(r["train_loss"]) for r in rows]
+    elbo = [float(r["held_out_elbo"]) for r in rows]
+    assert loss[-1] < loss[0] - 1000 and elbo[-1] > elbo[0] + 1000
+    assert all(math.isfinite(v) for v in loss + elbo)
+
+
+def test_the_same_seed_gives_the_same_weights_and_another_seed_others(tmp_path, data):
+    first = train(data, tmp_path / "a", tiny(), progress=False)
+    second = train(data, tmp_path / "b", tiny(), progress=False)
+    third = train(data, tmp_path / "c", tiny(seed=1), progress=False)
+    assert same_weights(weights(first), weights(second))
+    assert not same_weights(weights(first), weights(third))
+
+
+def test_resume_after_a_crash_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path, data, monkeypatch):
+    whole = train(data, tmp_path / "whole", tiny(epochs=4), progress=False)
+
+    original_step = torch.optim.Adam.step
+    calls = {"n": 0}
+
+    def crashing_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 13:               # in epoch 3 (5 steps per epoch)
+            raise KeyboardInterrupt
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(data, tmp_path / "broken", tiny(epochs=4), progress=False)
+    monkeypatch.setattr(torch.optim.Adam, "step", original_step)
+    assert [r["epoch"] for r in log_rows(tmp_path / "broken")] == ["1", "2"]
+
+    resumed = train(data, tmp_path / "broken", tiny(epochs=4), resume=True, progress=False)
+    assert same_weights(weights(whole), weights(resumed))
+    assert same_weights(weights(whole, "best"), weights(resumed, "best"))
+    columns = ("epoch", "step", "train_loss", "held_out_elbo")
+    assert [[r[c] for c in columns] for r in log_rows(whole)] == [[r[c] for c in columns] for r in log_rows(resumed)]
+
+
+def test_resume_can_extend_a_finished_run_and_keeps_its_settings(tmp_path, data):
+    whole = train(data, tmp_path / "whole", tiny(epochs=3), progress=False)
+    run = train(data, tmp_path / "run", tiny(epochs=2), progress=False)
+    train(data, run, tiny(epochs=3, learning_rate=0.5), resume=True, progress=False)   # lr ignored: the run's own
+    assert same_weights(weights(whole), weights(run))
+    assert json.loads((run / "config.json").read_text())["epochs"] == 3
+
+
+def test_an_existing_run_directory_is_not_overwritten_without_resume(tmp_path, data):
+    run = train(data, tmp_path / "run", tiny(epochs=1), progress=False)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(RunExistsError, match="--resume"):
+        train(data, run, tiny(epochs=1), progress=False)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert issubclass(RunExistsError, InputError)
+
+
+def test_resume_needs_a_run_directory(tmp_path, data):
+    with pytest.raises(InputError, match="nothing to resume"):
+        train(data, tmp_path / "nothing", tiny(), resume=True, progress=False)
+
+
+def test_resume_refuses_a_different_data_set(tmp_path, data):
+    run = train(data, tmp_path / "run", tiny(epochs=1), progress=False)
+    other = write_blob_dataset(tmp_path / "other.h5", n=30, n_held_out=5, seed=3)
+    with pytest.raises(InputError, match="not the data set"):
+        train(other, run, tiny(epochs=2), resume=True, progress=False)
+
+
+def write_raw_dataset(path, images, held_out):
+    """An HDF5 file in the format but bypassing write_dataset's checks, as a damaged file would be."""
+    with h5py.File(path, "w") as f:
+        f.create_dataset("images", data=images)
+        f.create_dataset("held_out", data=held_out)
+        f.create_group("metadata")
+        f.attrs.update(format="galaxyvae-dataset", source="test", pixel_units="x", pixel_scale_arcsec=0.4,
+                       sky_subtracted=True)
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("nan", "NaN"), ("shape", "expected shape"), ("no held-out", "held-out split is empty"),
+    ("no training", "training split is empty"),
+])
+def test_bad_data_sets_are_input_errors_and_create_nothing(tmp_path, case, message):
+    images = gaussian_blobs(12, seed=1)
+    held_out = choose_held_out(12, 3, 0)
+    if case == "nan":
+        images[4, 3, 3] = np.nan
+    elif case == "shape":
+        images = images[:, :32, :32]
+    elif case == "no held-out":
+        held_out[:] = False
+    else:
+        held_out[:] = True
+    path = write_raw_dataset(tmp_path / "bad.h5", images, held_out)
+    with pytest.raises(InputError, match=message):
+        train(path, tmp_path / "run", tiny(), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_of_another_image_size_is_refused(tmp_path, data):
+    with pytest.raises(InputError, match="the model expects"):
+        train(data, tmp_path / "run", tiny(model=ModelConfig(image_size=32, hidden=16)), progress=False)
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint at all", "foreign", "unsafe"])
+def test_corrupt_or_foreign_checkpoints_are_refused_on_resume(tmp_path, data, content):
+    run = train(data, tmp_path / "run", tiny(epochs=1), progress=False)
+    last = run / "checkpoints" / "last.pt"
+    if content == "foreign":
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, last)
+    elif content == "unsafe":
+        torch.save({"format": "galaxyvae-checkpoint", "payload": Exception("code, not data")}, last)
+    else:
+        last.write_bytes(content)
+    before = last.read_bytes()
+    with pytest.raises(CheckpointError, match="last.pt"):
+        train(data, run, tiny(epochs=2), resume=True, progress=False)
+    assert last.read_bytes() == before
+
+
+def test_init_starts_from_an_earlier_runs_weights_and_scaling(tmp_path, data):
+    first = train(data, tmp_path / "first", tiny(epochs=3), progress=False)
+    other = tmp_path / "other.h5"
+    write_dataset(other, 10.0 * gaussian_blobs(40, seed=5), choose_held_out(40, 8, 1),
+                  attrs={"source": "t", "pixel_units": "x", "pixel_scale_arcsec": 0.4, "sky_subtracted": True})
+    tuned = train(other, tmp_path / "tuned", tiny(epochs=1, learning_rate=1e-12), init=first, progress=False)
+    start, end = weights(first, "best"), weights(tuned)
+    assert torch.equal(start["pixel_scale"], end["pixel_scale"])
+    assert all(torch.allclose(start[k], end[k], atol=1e-6) for k in start)   # a vanishing step moved nothing
+    assert json.loads((tuned / "config.json").read_text())["init"] == str(first.resolve())
+    fresh = train(other, tmp_path / "fresh", tiny(epochs=1, learning_rate=1e-12), progress=False)
+    assert not torch.equal(weights(fresh)["pixel_scale"], end["pixel_scale"])
+
+
+def test_init_and_resume_together_are_refused(tmp_path, data):
+    run = train(data, tmp_path / "run", tiny(epochs=1), progress=False)
+    with pytest.raises(InputError, match="--init"):
+        train(data, run, tiny(), resume=True, init=run, progress=False)
+
+
+def test_augmentation_uses_the_eight_flips_and_rotations():
+    side = 5
+    image = np.arange(side * side).reshape(side, side)
+    expected = set()
+    for k in range(4):
+        expected.add(np.rot90(image, k).tobytes())
+        expected.add(np.rot90(image, k).T.tobytes())
+    got = {image.reshape(-1)[index].reshape(side, side).tobytes() for index in dihedral_indices(side).numpy()}
+    assert got == expected and len(got) == 8
+
+
+def test_an_augmented_run_trains_and_differs_from_a_plain_one(tmp_path, data):
+    plain = train(data, tmp_path / "plain", tiny(), progress=False)
+    augmented = train(data, tmp_path / "aug", tiny(augment=True), progress=False)
+    assert all(math.isfinite(float(r["held_out_elbo"])) for r in log_rows(augmented))
+    assert not same_weights(weights(plain), weights(augmented))
+
+
+def test_batch_plan_covers_each_image_at_most_once_per_epoch_and_changes_with_the_epoch():
+    plan = batch_plan(103, 10, seed=0, epoch=1)
+    assert plan.shape == (10, 10) and len(set(plan.flatten().tolist())) == 100
+    assert not torch.equal(plan, batch_plan(103, 10, seed=0, epoch=2))
+    assert torch.equal(plan, batch_plan(103, 10, seed=0, epoch=1))
+    assert batch_plan(6, 10, seed=0, epoch=1).shape == (1, 6)
+
+
+def test_threads_follow_the_setting_then_omp_num_threads_then_the_cores():
+    before = torch.get_num_threads()
+    try:
+        assert configure_threads(1, DistributedContext(), env={}) == 1
+        torch.set_num_threads(1)
+        assert configure_threads(0, DistributedContext(), env={"OMP_NUM_THREADS": "1"}) == 1
+        cores = training.available_cores()
+        assert configure_threads(0, DistributedContext(), env={}) == cores
+        two_per_node = DistributedContext(2, 0, 0, 2, "localhost", 29500)
+        assert configure_threads(0, two_per_node, env={}) == max(1, cores // 2)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_device_choice():
+    assert choose_device("auto", DistributedContext()) == torch.device(
+        "cuda:0" if torch.cuda.is_available() else "cpu")
+    assert choose_device("cpu", DistributedContext()) == torch.device("cpu")
+    with pytest.raises(InputError, match="device must be"):
+        choose_device("tpu", DistributedContext())
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available"):
+            choose_device("cuda", DistributedContext())
+
+
+def test_bad_settings_are_input_errors(tmp_path, data):
+    for changes, name in (({"epochs": 0}, "epochs"), ({"batch_size": 0}, "batch_size"),
+                          ({"learning_rate": -1.0}, "learning_rate"), ({"mc_samples": 0}, "mc_samples")):
+        with pytest.raises(InputError, match=name):
+            train(data, tmp_path / "run", tiny(**changes), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_bf16_and_several_samples_train_to_finite_elbos(tmp_path, data):
+    run = train(data, tmp_path / "run", tiny(precision="bf16", mc_samples=3), progress=False)
+    assert all(math.isfinite(float(r["held_out_elbo"])) for r in log_rows(run))
+
+
+def test_cli_trains_and_reports_an_existing_run_in_one_line(tmp_path, data, capsys):
+    out = tmp_path / "run"
+    argv = ["-q", "train", str(data), "--out", str(out), "--epochs", "1", "--batch-size", "8",
+            "--hidden", "16", "--compile", "off", "--seed", "3", "--no-augment"]
+    assert main(argv) == 0
+    assert json.loads((out / "config.json").read_text())["seed"] == 3
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already exists" in err and "--resume" in err and len(err.splitlines()) == 1
+    assert main(argv[:-1] + ["--resume", "--epochs", "2"]) == 0
+    assert [r["epoch"] for r in log_rows(out)] == ["1", "2"]
+
+
+def test_cli_reports_a_bad_data_set_in_one_line(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "missing.h5"), "--out", str(tmp_path / "run")]) == 2
+    assert "missing.h5: no such data-set file" in capsys.readouterr().err
+    assert issubclass(DatasetError, InputError)
