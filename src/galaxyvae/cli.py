@@ -88,10 +88,12 @@ def run_simulate(args) -> int:
 def add_ingest(commands) -> None:
     p = commands.add_parser("ingest", help="turn real images on disk into a galaxyvae data set")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH",
-                   help="image files or folders: Galaxy Zoo JPEG folders, Galaxy10 .h5, FITS, PNG/JPEG")
+                   help="image files or folders: Galaxy Zoo JPEG folders, Galaxy10 .h5, FITS, PNG/JPEG, "
+                        "or skimage:hubble_deep_field (scikit-image's Hubble Deep Field picture)")
     p.add_argument("--out", type=Path, required=True, help="output data set (.h5)")
-    p.add_argument("--held-out", type=int, default=1000,
-                   help="how many to hold out (default 1,000, or a fifth of the images if fewer than 5,000)")
+    p.add_argument("--held-out", type=int, default=None,
+                   help="how many to hold out (default: 1,000 as in the paper, or a fifth of the images "
+                        "when fewer than 5,000 are kept)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train / held-out split")
     p.add_argument("--band", default=None,
                    help="FITS cube plane index, or colour channel (r, g or b) for colour images; "
@@ -109,7 +111,8 @@ def run_ingest(args) -> int:
     from galaxyvae.ingest import ingest
 
     report = ingest(args.paths, args.out, n_held_out=args.held_out, seed=args.seed, band=args.band,
-                    detect=args.detect, labels_csv=args.labels, strict=args.strict, overwrite=args.overwrite)
+                    detect=args.detect, labels_csv=args.labels, strict=args.strict, overwrite=args.overwrite,
+                    progress=args.quiet == 0)
     print(report.summary())
     return 0
 

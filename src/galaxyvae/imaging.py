@@ -103,14 +103,17 @@ def square_box_on_light(image: np.ndarray) -> tuple[int, int, int, int]:
     """The largest square box in ``image`` (H, W), placed so that the light stays centred.
 
     A square image is kept whole. For an oblong one the square slides along the long axis
-    to be centred on the light-weighted centroid (pixels above the median, as a crude
-    background), clamped to the image. Returns an integer box (y0, x0, y1, x1).
+    to be centred on the light-weighted centroid of the pixels more than 3 sigma above the
+    sky (median and scaled median absolute deviation), clamped to the image. Returns an
+    integer box (y0, x0, y1, x1).
     """
     height, width = image.shape
     side = min(height, width)
     if height == width:
         return 0, 0, side, side
-    weights = np.clip(image - np.median(image), 0, None)
+    sky = np.median(image)
+    noise = 1.4826 * np.median(np.abs(image - sky))
+    weights = np.where(image > sky + 3 * noise, image - sky, 0.0)
     axis_profile = weights.sum(axis=1 if height > width else 0)
     total = axis_profile.sum()
     long_side = max(height, width)
