@@ -1,0 +1,205 @@
+"""The simulated survey: format, determinism, families, recorded parameters, rendering accuracy
+against GalSim's own drawing, noise level, PSF, and the `galaxyvae simulate` command."""
+
+import json
+
+import galsim
+import numpy as np
+import pytest
+from scipy.optimize import curve_fit
+
+from galaxyvae.cli import main
+from galaxyvae.dataset import read_dataset
+from galaxyvae.errors import InputError
+from galaxyvae.simulation import FAMILIES, FAMILY_NAMES, canvas, observing, render_survey, simulate_survey, stamp
+from galaxyvae.simulation.observing import PSFSpec
+
+N_SMALL = 40
+
+
+@pytest.fixture(scope="module")
+def survey(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sim") / "survey.h5"
+    simulate_survey(path, n_images=N_SMALL, n_held_out=8, seed=7, workers=1, progress=False)
+    return read_dataset(path)
+
+
+def _spec_of_family(family: str, seed: int = 0) -> stamp.StampSpec:
+    index = next(i for i in range(1000) if stamp.family_of(seed, i) == family)
+    return stamp.draw_stamp(seed, index)
+
+
+def test_survey_has_the_data_set_format_and_units(survey):
+    assert survey.images.shape == (N_SMALL, 69, 69)
+    assert survey.images.dtype == np.float32
+    assert np.isfinite(survey.images).all()
+    assert survey.held_out.sum() == 8
+    attrs = survey.attrs
+    assert attrs["source"] == "simulated" and attrs["pixel_units"] == "nanomaggies"
+    assert attrs["pixel_scale_arcsec"] == pytest.approx(0.396) and attrs["sky_subtracted"]
+    assert attrs["seed"] == 7
+    assert attrs["gain_e_per_count"] == observing.GAIN and attrs["read_noise_e"] == observing.READ_NOISE_E
+    assert attrs["sky_sigma_nmgy_median"] == pytest.approx(observing.sky_sigma_nmgy(observing.SKY_MAG_MEDIAN), rel=1e-3)
+
+
+def test_every_family_appears_labelled_in_the_intended_mix(survey):
+    assert set(survey.metadata["family"]) == set(FAMILY_NAMES)
+    families = [stamp.family_of(3, i) for i in range(20_000)]
+    for family in FAMILIES:
+        assert families.count(family.name) / len(families) == pytest.approx(family.fraction, abs=0.002)
+
+
+def test_parameters_are_recorded_and_reproduce_the_image(survey):
+    metadata = survey.metadata
+    for i in range(N_SMALL):
+        params = json.loads(metadata["params"][i])
+        assert params["family"] == metadata["family"][i]
+        assert params["galaxy"]["flux_nmgy"] == pytest.approx(metadata["flux_nmgy"][i])
+        assert params["galaxy"]["half_light_radius_arcsec"] == pytest.approx(metadata["half_light_radius_arcsec"][i])
+        assert params["psf"]["fwhm_arcsec"] == pytest.approx(metadata["psf_fwhm_arcsec"][i])
+        assert bool(metadata["has_neighbour"][i]) == bool(params["neighbours"])
+    for i in (0, 5, 11):
+        spec = stamp.spec_from_params(i, metadata["params"][i])
+        np.testing.assert_array_equal(stamp.render_stamp(spec).image, survey.images[i])
+    assert 1.0 <= metadata["psf_fwhm_arcsec"].min() and metadata["psf_fwhm_arcsec"].max() <= 1.8
+    assert (metadata["mag_r"] >= stamp.MAG_RANGE[0]).all() and (metadata["mag_r"] <= stamp.MAG_RANGE[1]).all()
+
+
+def test_same_seed_same_survey_whatever_the_worker_count():
+    one_process = render_survey(12, seed=11, workers=1, progress=False)
+    two_processes = render_survey(12, seed=11, workers=2, progress=False, chunk_size=5)
+    np.testing.assert_array_equal(one_process[0], two_processes[0])
+    np.testing.assert_equal(one_process[1], two_processes[1])
+    other_seed = render_survey(4, seed=12, workers=1, progress=False)
+    assert not np.allclose(other_seed[0], one_process[0][:4])
+
+
+def test_isolated_galaxies_are_centred(survey):
+    isolated = np.flatnonzero(~survey.metadata["has_neighbour"].astype(bool))
+    assert len(isolated) >= 15
+    y, x = np.mgrid[:69, :69]
+    for i in isolated:
+        image = survey.images[i]
+        bright = image > 5 * survey.metadata["sky_sigma_nmgy"][i]
+        weights = np.where(bright, image, 0.0)
+        cx, cy = (weights * x).sum() / weights.sum(), (weights * y).sum() / weights.sum()
+        assert np.hypot(cx - 34, cy - 34) < 3.5, (survey.metadata["family"][i], cx, cy)
+        assert np.hypot(survey.metadata["centre_x_pix"][i] - 34, survey.metadata["centre_y_pix"][i] - 34) <= 2.2
+
+
+def test_sky_noise_matches_the_documented_noise_model():
+    # Independent arithmetic from the documented constants: sky 20.85 mag/arcsec^2 over a
+    # 0.396" pixel, 0.005 nmgy per count, 4.7 e-/count, 6 e- read noise.
+    sky_nmgy = 10 ** (-0.4 * (20.85 - 22.5)) * 0.396 ** 2
+    electrons = sky_nmgy / 0.005 * 4.7
+    expected = np.sqrt(electrons + 6.0 ** 2) / 4.7 * 0.005
+    assert observing.sky_sigma_nmgy(20.85) == pytest.approx(expected, rel=1e-9)
+    residuals = []
+    for index in range(30):
+        spec = stamp.draw_stamp(5, index)
+        noisy = stamp.render_stamp(spec).image
+        model = stamp.render_stamp(spec, noise=False).image
+        empty = model < 0.02 * observing.sky_sigma_nmgy(spec.sky_mag_arcsec2)
+        corners = np.zeros_like(empty)
+        corners[:12, :12] = corners[:12, -12:] = corners[-12:, :12] = corners[-12:, -12:] = True
+        residuals.append((noisy - model)[empty & corners] / observing.sky_sigma_nmgy(spec.sky_mag_arcsec2))
+    pooled = np.concatenate(residuals)
+    assert len(pooled) > 5000
+    assert pooled.std() == pytest.approx(1.0, abs=0.03)
+    assert abs(pooled.mean()) < 0.03
+
+
+@pytest.mark.parametrize("psf", [PSFSpec("kolmogorov", 1.0, float("nan"), 0.02, -0.01),
+                                 PSFSpec("moffat", 1.6, 3.0, -0.01, 0.03)])
+def test_a_star_is_drawn_as_galsim_draws_it(psf):
+    x, y = 2.3, -1.1
+    mine = canvas.observe(canvas.draw_k(galsim.DeltaFunction(flux=100.0), x, y), canvas.psf_k(psf))
+    reference = psf.galsim_profile().withFlux(100.0).drawImage(nx=69, ny=69, scale=0.396,
+                                                                offset=(x / 0.396, y / 0.396)).array
+    assert np.abs(mine - reference).max() < 2e-3 * reference.max()
+
+
+@pytest.mark.parametrize("psf", [PSFSpec("kolmogorov", 1.0, float("nan"), 0.0, 0.0),
+                                 PSFSpec("kolmogorov", 1.8, float("nan"), 0.0, 0.0),
+                                 PSFSpec("moffat", 1.35, 2.5, 0.0, 0.0),
+                                 PSFSpec("moffat", 1.8, 4.5, 0.0, 0.0)])
+def test_the_recorded_psf_fwhm_is_the_fwhm_of_a_drawn_star(psf):
+    star = canvas.observe(canvas.draw_k(galsim.DeltaFunction(flux=1.0)), canvas.psf_k(psf))
+    y, x = np.mgrid[:69, :69]
+    radius = np.hypot(x - 34, y - 34).ravel() * 0.396
+
+    def moffat(r, amplitude, fwhm, beta):
+        alpha = fwhm / (2 * np.sqrt(2 ** (1 / beta) - 1))
+        return amplitude * (1 + (r / alpha) ** 2) ** -beta
+
+    (_, fwhm, _), _ = curve_fit(moffat, radius, star.ravel(), p0=(star.max(), 1.3, 3.0))
+    # pixel integration widens a star slightly (by ~3% at 1")
+    assert fwhm == pytest.approx(psf.fwhm_arcsec, rel=0.06)
+
+
+@pytest.mark.parametrize("family", ["smooth_elliptical", "lenticular"])
+def test_smooth_galaxies_match_galsim_convolved_drawing(family):
+    spec = _spec_of_family(family, seed=2)
+    g = spec.galaxy
+    from galaxyvae.simulation.families import FAMILY_BY_NAME, exponential, sersic
+
+    if family == "smooth_elliptical":
+        profile = sersic(g["sersic_n"], g["half_light_radius_arcsec"], g["flux_nmgy"], g["axis_ratio"],
+                         g["position_angle_deg"])
+    else:
+        profile = (sersic(g["bulge_n"], g["bulge_radius_arcsec"], g["flux_nmgy"] * g["bulge_fraction"],
+                          g["bulge_axis_ratio"], g["position_angle_deg"])
+                   + exponential(g["half_light_radius_arcsec"], g["flux_nmgy"] * (1 - g["bulge_fraction"]),
+                                 g["axis_ratio"], g["position_angle_deg"]))
+    mine = canvas.observe(FAMILY_BY_NAME[family].render(g), canvas.psf_k(spec.psf))
+    reference = galsim.Convolve(profile, spec.psf.galsim_profile()).drawImage(
+        nx=69, ny=69, scale=0.396, offset=(g["x_arcsec"] / 0.396, g["y_arcsec"] / 0.396)).array
+    assert np.abs(mine - reference).max() < 3e-3 * reference.max()
+
+
+def test_structured_families_keep_their_flux_and_dusty_ones_lose_light_to_dust():
+    for family in FAMILY_NAMES:
+        spec = _spec_of_family(family, seed=4)
+        rendered = stamp.render_stamp(spec, noise=False)
+        # the stamp holds most of the galaxy's (post-dust) flux
+        assert 0.8 < rendered.central.sum() / spec.galaxy["flux_nmgy"] < 1.01, family
+        if family in ("edge_on_disk", "sombrero"):
+            assert rendered.dust_transmission < 0.95, family
+        if family in ("smooth_elliptical", "lenticular", "irregular"):
+            assert rendered.dust_transmission == pytest.approx(1.0, abs=1e-4), family
+
+
+def test_spiral_arms_make_the_galaxy_non_axisymmetric():
+    spec = _spec_of_family("grand_design_spiral", seed=1)
+    spec.galaxy.update(flux_nmgy=2000.0)
+    plain = dict(spec.galaxy, arm_contrast=0.0, knot_fraction=0.0, dust_tau=0.0)
+    with_arms = stamp.render_stamp(spec, noise=False).central
+    spec.galaxy = plain
+    without_arms = stamp.render_stamp(spec, noise=False).central
+    difference = np.abs(with_arms - without_arms).sum() / without_arms.sum()
+    assert difference > 0.1
+
+
+def test_invalid_arguments_are_refused(tmp_path):
+    with pytest.raises(InputError, match="held-out"):
+        simulate_survey(tmp_path / "a.h5", n_images=10, n_held_out=10, progress=False)
+    with pytest.raises(InputError, match="seed"):
+        simulate_survey(tmp_path / "a.h5", n_images=10, n_held_out=2, seed=-1, progress=False)
+    with pytest.raises(InputError, match="workers"):
+        simulate_survey(tmp_path / "a.h5", n_images=10, n_held_out=2, workers=0, progress=False)
+    assert not (tmp_path / "a.h5").exists()
+
+
+def test_simulate_command_writes_a_data_set_and_will_not_overwrite_it(tmp_path, capsys):
+    out = tmp_path / "sim.h5"
+    args = ["simulate", "--n", "10", "--held-out", "3", "--out", str(out), "--seed", "2", "--workers", "1"]
+    assert main(args) == 0
+    data = read_dataset(out)
+    assert len(data) == 10 and data.held_out.sum() == 3 and data.attrs["seed"] == 2
+    before = out.read_bytes()
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert main(args[:-2] + ["--workers", "1", "--overwrite", "--seed", "3"]) == 0
+    assert read_dataset(out).attrs["seed"] == 3
+    assert main(["simulate", "--n", "5", "--held-out", "5", "--out", str(tmp_path / "x.h5")]) == 2
