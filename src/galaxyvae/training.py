@@ -456,6 +456,11 @@ class Trainer:
                 self._write_epoch(held_out_elbo)
             elif held_out_elbo > self.best_elbo:
                 self.best_elbo = held_out_elbo
+        if self.context.distributed:
+            import torch.distributed as dist
+
+            # gloo aborts a process that leaves the group while another is still writing its files.
+            dist.barrier()
 
     def _train_epoch(self, epoch: int) -> tuple[float, float]:
         config, ctx = self.config, self.context
@@ -570,6 +575,8 @@ class Trainer:
         execution = {"device": str(self.device), "torch_threads": self.threads,
                      "world_size": self.context.world_size, "compiled": self.compiled,
                      "precision": self.config.precision}
+        if self.context.distributed:
+            execution.update(master_addr=self.context.master_addr, master_port=self.context.master_port)
         write_json_atomic(self.paths.versions, {**library_versions(), "execution": execution})
 
     def _write_epoch(self, held_out_elbo: float) -> None:
