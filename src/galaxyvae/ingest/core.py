@@ -150,9 +150,10 @@ def ingest(
         parsed_band = parse_band(band)
     except ValueError as err:
         raise InputError(str(err)) from None
-    options = IngestOptions(band=parsed_band, detect=detect,
+    options = IngestOptions(band=parsed_band, detect=detect, progress=progress,
                             labels=read_galaxy_zoo_labels(labels_csv) if labels_csv is not None else None,
                             detection=detection or DetectionConfig())
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     inputs = list(expand_inputs(paths, out))
     collection = collect(inputs, options, strict, progress)
     if not collection.stamps:
@@ -164,7 +165,7 @@ def ingest(
         raise InputError(f"--held-out {held_count}: only {n_kept} images were kept; nothing written")
     held_out = choose_held_out(n_kept, held_count, seed)
     kinds = dict(Counter(stamp.kind for stamp in collection.stamps))
-    provenance = provenance_record(inputs, options, collection, kinds, held_count, seed, strict, labels_csv)
+    provenance = provenance_record(paths, inputs, options, collection, kinds, held_count, seed, strict, labels_csv)
     write_dataset(out, images, held_out, {**attrs, "seed": seed}, metadata, provenance, overwrite=overwrite)
     report = IngestReport(out=out, kept=n_kept, skipped=collection.skipped, kinds=kinds, n_held_out=held_count,
                           n_train=n_kept - held_count, detections=collection.detections,
@@ -188,11 +189,9 @@ class IgnoredFiles:
     count: int
 
 
-def expand_inputs(paths, out: Path) -> Iterator[Path | BadInput | IgnoredFiles]:
+def expand_inputs(paths: list, out: Path) -> Iterator[Path | BadInput | IgnoredFiles]:
     """Each input file once, in order: folders searched recursively (hidden entries skipped),
     paths that do not exist or folders without images as BadInput; ``out`` itself never."""
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
     seen = {out.resolve()}
     for path in map(Path, paths):
         if str(path).startswith(SAMPLE_PREFIX):
@@ -323,14 +322,15 @@ def count_unlabelled(metadata: dict[str, np.ndarray]) -> int:
     return int(np.sum((metadata["source_kind"] == "galaxy-zoo") & ~metadata["has_labels"].astype(bool)))
 
 
-def provenance_record(inputs, options: IngestOptions, collection: Collection, kinds: dict[str, int],
-                      n_held_out: int, seed: int, strict: bool, labels_csv) -> dict[str, Any]:
-    """What produced the data set: inputs, options, counts, skips, detection settings and results."""
-    files = [str(p.resolve()) if isinstance(p, Path) and p.exists() else str(getattr(p, "file", p))
-             for p in inputs if not isinstance(p, IgnoredFiles)]
+def provenance_record(paths: list, inputs: list, options: IngestOptions, collection: Collection,
+                      kinds: dict[str, int], n_held_out: int, seed: int, strict: bool, labels_csv) -> dict[str, Any]:
+    """What produced the data set: the paths given (absolute), how many files they held, options,
+    counts, skips, detection settings and results. Each image's own file is in its metadata."""
+    given = [str(p) if str(p).startswith(SAMPLE_PREFIX) else str(Path(p).resolve()) for p in paths]
     return {
         "ingest": {
-            "inputs": files,
+            "inputs": given,
+            "files_read": sum(isinstance(p, Path) for p in inputs),
             "kinds": kinds,
             "options": {"n_held_out": n_held_out, "seed": seed, "band": options.band, "detect": options.detect,
                         "labels_csv": str(Path(labels_csv).resolve()) if labels_csv else None, "strict": strict},

@@ -90,6 +90,7 @@ class IngestOptions:
 
     band: int | str | None = None
     detect: bool = False
+    progress: bool = False
     labels: GalaxyZooLabels | None = None
     detection: DetectionConfig = field(default_factory=DetectionConfig)
 
@@ -132,10 +133,12 @@ def read_input(path: Path, options: IngestOptions) -> Iterator[Stamp | BadInput 
         image, _ = single_channel(pixels, options.band)
         units = f"{units}, {options.colour_rule}, not calibrated"
         scale = math.nan
-    check_pixels(image)
-    if options.detect:
+    check_size(image)
+    if options.detect:  # detection masks non-finite pixels instead of refusing the field
         yield from detected_stamps(path, image, units, scale, options.detection)
-    elif kind == "picture" and is_galaxy_zoo(path, image.shape):
+        return
+    check_values(image)
+    if kind == "picture" and is_galaxy_zoo(path, image.shape):
         yield galaxy_zoo_stamp(path, image, units, options.labels)
     else:
         yield cutout_stamp(path, image, units, scale, "fits" if kind == "fits" else "picture")
@@ -210,7 +213,7 @@ def load_fits(path: Path, band: int | str | None) -> tuple[np.ndarray, str, floa
     except UnusableFile:
         raise
     except (OSError, ValueError, TypeError, IndexError, EOFError) as err:
-        raise UnusableFile(f"is not a readable FITS file ({err})") from None
+        raise UnusableFile(f"is truncated or not a readable FITS file ({err})") from None
     image = fits_plane(data, band)
     unit = str(header.get("BUNIT", "")).strip()
     units = f"{unit} (FITS BUNIT)" if unit else "unknown (FITS file without BUNIT)"
@@ -258,14 +261,18 @@ def single_channel(pixels: np.ndarray, band) -> tuple[np.ndarray, str]:
         raise UnusableFile(str(err)) from None
 
 
-def check_pixels(image: np.ndarray) -> None:
-    """Raise UnusableFile for images too small, blank, or with NaN/Inf pixels."""
+def check_size(image: np.ndarray) -> None:
+    """Raise UnusableFile for images smaller than MIN_SOURCE_SIDE on a side."""
     if image.ndim != 2 or min(image.shape) < MIN_SOURCE_SIDE:
         raise UnusableFile(f"is only {'x'.join(map(str, image.shape))} pixels; need at least "
                            f"{MIN_SOURCE_SIDE} on each side")
-    bad = ~np.isfinite(image)
-    if bad.any():
-        raise UnusableFile(f"has {int(bad.sum())} NaN or Inf pixels")
+
+
+def check_values(image: np.ndarray) -> None:
+    """Raise UnusableFile for images with NaN/Inf pixels or all pixels equal."""
+    bad = int(np.count_nonzero(~np.isfinite(image)))
+    if bad:
+        raise UnusableFile(f"has {bad} non-finite (NaN or Inf) pixel{'s' if bad > 1 else ''}")
     if is_blank(image):
         raise UnusableFile(f"is blank (every pixel equals {image.flat[0]:g})")
 
@@ -321,6 +328,8 @@ def detected_stamps(path: Path, image: np.ndarray, units: str, pixel_scale: floa
     """Stamps of the resolved galaxies detected in a field (see ingest.detect)."""
     try:
         result = detect_galaxies(image, config)
+    except ValueError as err:
+        raise UnusableFile(str(err)) from None
     except Exception as err:  # sep reports its failures as bare Exceptions
         raise UnusableFile(f"source detection failed ({err})") from None
     if not result.stamps:
@@ -339,6 +348,7 @@ def detected_stamps(path: Path, image: np.ndarray, units: str, pixel_scale: floa
 def read_galaxy10(path: Path, options: IngestOptions) -> Iterator[Stamp | BadInput]:
     """Stamps of an astroNN Galaxy10 SDSS (N, 69, 69, 3) or DECaLS (N, 256, 256, 3) file."""
     import h5py
+    from tqdm.auto import tqdm
 
     try:
         handle = h5py.File(path, "r")
@@ -347,18 +357,20 @@ def read_galaxy10(path: Path, options: IngestOptions) -> Iterator[Stamp | BadInp
     with handle:
         images, labels, extras, kind = galaxy10_contents(handle)
         units = f"{display_units(images.dtype)}, {options.colour_rule}, not calibrated"
-        for start in range(0, len(images), GALAXY10_CHUNK):
-            try:
-                chunk = images[start:start + GALAXY10_CHUNK]
-            except OSError as err:
-                yield BadInput(str(path), f"reading images {start} onwards failed ({err})")
-                return
-            for offset, pixels in enumerate(chunk):
-                index = start + offset
+        with tqdm(total=len(images), desc=path.name, unit="image", leave=False, disable=not options.progress) as bar:
+            for start in range(0, len(images), GALAXY10_CHUNK):
                 try:
-                    yield galaxy10_stamp(path, index, pixels, labels[index], extras, kind, units, options.band)
-                except UnusableFile as err:
-                    yield BadInput(f"{path}[{index}]", str(err))
+                    chunk = images[start:start + GALAXY10_CHUNK]
+                except OSError as err:
+                    yield BadInput(str(path), f"reading images {start} onwards failed ({err})")
+                    return
+                for offset, pixels in enumerate(chunk):
+                    try:
+                        yield galaxy10_stamp(path, start + offset, pixels, labels[start + offset], extras, kind,
+                                             units, options.band)
+                    except UnusableFile as err:
+                        yield BadInput(f"{path}[{start + offset}]", str(err))
+                bar.update(len(chunk))
 
 
 def galaxy10_contents(handle) -> tuple[Any, np.ndarray, dict[str, np.ndarray], str]:
@@ -395,7 +407,8 @@ def galaxy10_stamp(path: Path, index: int, pixels: np.ndarray, label, extras: di
     """One Galaxy10 image: SDSS kept at 69 x 69; DECaLS cropped like Galaxy Zoo (the central
     207/424 of the field, 125 of 256 pixels) and area-averaged to 69 x 69."""
     image, _ = single_channel(np.asarray(pixels)[::-1], band)
-    check_pixels(image)
+    check_size(image)
+    check_values(image)
     if kind == "galaxy10-sdss":
         box, classes, source_scale = (0, 0, 69, 69), GALAXY10_SDSS_CLASSES, math.nan
     else:
