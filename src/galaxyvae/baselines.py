@@ -1,0 +1,935 @@
+"""Per-image parametric baselines: today's practice that the VAE is judged against.
+
+Two models, each fitted by least squares over all pixels of every image at once:
+
+- ``fit_gaussian``: the paper's *scaled bivariate Gaussian density*,
+  ``x_hat(p) = flux * N2(p; centre, Sigma) (+ sky)``, with a full covariance (two widths and
+  a rotation). In astropy's terms it is ``Gaussian2D`` (+ ``Const2D``), whose ``amplitude``
+  is the peak value: ``flux = amplitude * 2 * pi * sigma_major * sigma_minor``.
+- ``fit_sersic``: beyond the paper, a single elliptical Sersic profile parameterised exactly
+  as astropy's ``Sersic2D`` (amplitude at r_eff, r_eff along the major axis, n, x_0, y_0,
+  ellip, theta), with ``b_n = scipy.special.gammaincinv(2n, 0.5)`` as astropy computes it.
+
+Models are evaluated at pixel centres, pixel (row i, column j) sitting at ``x = j, y = i``
+(astropy's convention with ``np.mgrid``), so fitted parameters plug straight into astropy.
+
+A constant sky level is fitted only when asked (``fit_sky=True``): the simulated survey is
+sky-subtracted (``attrs["sky_subtracted"] = True``), so its baselines have no sky term, while
+data that still carry their sky (JPEG cut-outs, for example) need one.
+
+The solver is a batched Levenberg-Marquardt in float64 (see ``docs/baselines.md``): an
+adaptive-moments start, then damped Gauss-Newton steps solved for every image at once with
+``torch.linalg``; amplitude and sky are re-solved exactly (linear least squares) at every trial
+point; the shape is a Cholesky factor of the inverse (co)variance, so it stays positive
+definite; widths, centre and Sersic index are kept inside bounds by projection.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import scipy.special
+import torch
+
+from galaxyvae.errors import InputError
+
+DEFAULT_CHUNK_SIZE = 512
+"""Images fitted together; memory grows linearly with it (about 25 float64 image-sized arrays)."""
+
+SERSIC_STARTS = (0.5, 1.0, 4.0)
+"""Starting Sersic indices: Gaussian-like, exponential disc and de Vaucouleurs bulge."""
+
+_SHAPE_PARAMETERS = 5  # x0, y0 and the three entries of the Cholesky factor of the precision
+_HALF_LIGHT_PER_SIGMA = math.sqrt(2 * math.log(2))  # half-light radius of a 2-D Gaussian / sigma
+
+
+@dataclass
+class BaselineFit:
+    """Per-image fits of one parametric model to N images of H x W pixels.
+
+    name:         "gaussian" or "sersic"
+    model_images: (N, H, W) float32, the fitted model at pixel centres (sky included if fitted),
+                  in the images' units
+    params:       parameter name -> (N,) float64 array (see ``fit_gaussian`` / ``fit_sersic``)
+    mse:          (N,) float64 mean squared residual over pixels, in squared image units
+    converged:    (N,) bool, True where the solver met its tolerance before its iteration limit
+    iterations:   (N,) int, solver iterations used (for the best start, for Sersic fits)
+    """
+
+    name: str
+    model_images: np.ndarray
+    params: dict[str, np.ndarray]
+    mse: np.ndarray
+    converged: np.ndarray
+    iterations: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """Solver settings shared by both models; bounds in pixels, tolerances relative."""
+
+    fit_sky: bool
+    max_iterations: int
+    tolerance: float
+    chunk_size: int
+    width_bounds: tuple[float, float]
+    centre_margin: float
+    n_extra: int = 0
+    log_n_bounds: tuple[float, float] = (0.0, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+def fit_gaussian(images, fit_sky: bool = False, *, max_iterations: int = 100,
+                 tolerance: float = 1e-10, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 sigma_bounds: tuple[float, float | None] = (0.1, None)) -> BaselineFit:
+    """Fit ``amplitude * exp(-d^T Sigma^-1 d / 2) (+ sky)`` to every image by least squares.
+
+    images:  (N, H, W) numpy array or torch tensor, any float dtype; a tensor is fitted on its
+             own device (CPU or GPU). Units are kept: parameters and model are in image units.
+    fit_sky: also fit a constant sky level (for data that are not sky-subtracted).
+    max_iterations: Levenberg-Marquardt iterations per image at most.
+    tolerance: stop when a step lowers the sum of squares by less than this fraction.
+    chunk_size: images solved together (memory ~ 25 * chunk_size * H * W * 8 bytes).
+    sigma_bounds: (min, max) of both widths in pixels; max defaults to 10 * max(H, W).
+
+    Returns a ``BaselineFit`` named "gaussian" whose params are, each (N,) float64:
+    ``flux`` (total, = amplitude * 2 pi sigma_major sigma_minor), ``amplitude`` (peak),
+    ``x0``, ``y0`` (pixels, x along columns), ``sigma_major``, ``sigma_minor`` (pixels),
+    ``theta`` (radians in [0, pi), major axis from +x towards +y) and ``sky`` when fitted.
+    These are astropy's ``Gaussian2D(amplitude, x0, y0, sigma_major, sigma_minor, theta)``.
+    """
+    y = _as_batch(images)
+    settings = _Settings(
+        fit_sky=bool(fit_sky), max_iterations=_positive_int(max_iterations, "max_iterations"),
+        tolerance=float(tolerance), chunk_size=_positive_int(chunk_size, "chunk_size"),
+        width_bounds=_width_bounds(sigma_bounds, 10.0 * max(y.shape[1:]), "sigma_bounds"),
+        centre_margin=0.5 * max(y.shape[1:]))
+    parts = [_fit_gaussian_chunk(chunk, settings) for chunk in _chunks(y, settings.chunk_size)]
+    return _package("gaussian", y, parts, settings)
+
+
+def fit_sersic(images, fit_sky: bool = False, *, n_starts: tuple[float, ...] = SERSIC_STARTS,
+               n_bounds: tuple[float, float] = (0.3, 8.0),
+               r_eff_bounds: tuple[float, float | None] = (0.1, None), max_iterations: int = 200,
+               tolerance: float = 1e-10, chunk_size: int = DEFAULT_CHUNK_SIZE) -> BaselineFit:
+    """Fit one elliptical Sersic profile (+ sky) to every image by least squares.
+
+    The model is astropy's ``Sersic2D`` (boxiness c = 0):
+    ``amplitude * exp(-b_n (z^(1/n) - 1))``, ``z^2 = (x_maj / r_eff)^2 + (x_min / ((1 - ellip) r_eff))^2``,
+    ``b_n = gammaincinv(2 n, 0.5)``. Each image is first fitted with ``fit_gaussian``; the
+    Sersic fit starts from that shape (same half-light radius) at every index in ``n_starts``
+    and the start with the lowest squared error is kept. Starting at n = 0.5, where the Sersic
+    profile is a Gaussian, guarantees the Sersic fit is never worse than the Gaussian one.
+
+    images:  (N, H, W) numpy array or torch tensor (fitted on its device); units kept.
+    fit_sky: also fit a constant sky level.
+    n_bounds: allowed Sersic indices (n is kept inside by projection).
+    r_eff_bounds: (min, max) in pixels of both semi-axes at the half-light isophote;
+        max defaults to 4 * max(H, W).
+    max_iterations, tolerance, chunk_size: as for ``fit_gaussian`` (per start).
+
+    Returns a ``BaselineFit`` named "sersic" whose params are, each (N,) float64:
+    ``amplitude`` (surface brightness at r_eff), ``r_eff`` (pixels, semi-major axis of the
+    half-light ellipse), ``n``, ``x0``, ``y0``, ``ellip`` (1 - minor/major), ``theta``
+    (radians in [0, pi)), ``flux`` (total, analytic, over the infinite plane) and ``sky``
+    when fitted.
+    """
+    y = _as_batch(images)
+    low, high = (float(v) for v in n_bounds)
+    if not 0 < low <= high:
+        raise InputError(f"n_bounds must be 0 < min <= max, got {n_bounds!r}.")
+    starts = tuple(float(n) for n in n_starts)
+    if not starts or any(not low <= n <= high for n in starts):
+        raise InputError(f"n_starts must be a non-empty tuple of indices inside n_bounds {n_bounds!r}, "
+                         f"got {n_starts!r}.")
+    settings = _Settings(
+        fit_sky=bool(fit_sky), max_iterations=_positive_int(max_iterations, "max_iterations"),
+        tolerance=float(tolerance), chunk_size=_positive_int(chunk_size, "chunk_size"),
+        width_bounds=_width_bounds(r_eff_bounds, 4.0 * max(y.shape[1:]), "r_eff_bounds"),
+        centre_margin=0.5 * max(y.shape[1:]), n_extra=1, log_n_bounds=(math.log(low), math.log(high)))
+    # The Gaussian that seeds each start has the same half-light ellipse, hence these widths.
+    gaussian_settings = replace(
+        settings, n_extra=0, log_n_bounds=(0.0, 0.0), max_iterations=100,
+        width_bounds=tuple(w / _HALF_LIGHT_PER_SIGMA for w in settings.width_bounds))
+    parts = [_fit_sersic_chunk(chunk, starts, settings, gaussian_settings)
+             for chunk in _chunks(y, settings.chunk_size)]
+    return _package("sersic", y, parts, settings)
+
+
+def max_gaussian_log_likelihood(images, model_images) -> np.ndarray:
+    """Maximum over sigma > 0 of log N(x; x_hat, sigma^2 I), per image, in nats.
+
+    images, model_images: (N, H, W) arrays (numpy or torch) in the same units.
+    The maximum is at sigma^2 = s2 = mean squared residual, where it equals
+    ``-m/2 * (log(2 pi s2) + 1)`` with m = H * W pixels. A model that reproduces an image
+    exactly (s2 = 0) has no finite maximum: its value is +inf.
+    Returns (N,) float64.
+    """
+    x = _to_numpy64(images, "images")
+    x_hat = _to_numpy64(model_images, "model_images")
+    if x.ndim != 3 or x.shape != x_hat.shape:
+        raise InputError(f"images and model_images must both be (N, H, W) with the same shape, "
+                         f"got {x.shape} and {x_hat.shape}.")
+    m = x.shape[1] * x.shape[2]
+    s2 = np.mean((x - x_hat) ** 2, axis=(1, 2))
+    exact = s2 == 0
+    with np.errstate(divide="ignore"):
+        value = -0.5 * m * (np.log(2 * np.pi * np.where(exact, 1.0, s2)) + 1.0)
+    return np.where(exact, np.inf, value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input handling
+
+
+def _as_batch(images) -> torch.Tensor:
+    """(N, H, W) float64 tensor on the input's device; raises InputError on bad input."""
+    if isinstance(images, torch.Tensor):
+        y = images.detach().to(torch.float64)
+    else:
+        try:
+            y = torch.from_numpy(np.asarray(images, dtype=np.float64))
+        except (TypeError, ValueError) as error:
+            raise InputError(f"images must be a numeric (N, H, W) array: {error}.") from None
+    if y.ndim != 3 or min(y.shape) == 0:
+        raise InputError(f"images must be a non-empty (N, H, W) array, got shape {tuple(y.shape)}.")
+    if not bool(torch.isfinite(y.sum()).all()):
+        raise InputError("images contain NaN or infinite pixels; remove or replace them before fitting.")
+    return y.contiguous()
+
+
+def _to_numpy64(array, name: str) -> np.ndarray:
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    return np.asarray(array, dtype=np.float64)
+
+
+def _positive_int(value, name: str) -> int:
+    if int(value) != value or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def _width_bounds(bounds, default_high: float, name: str) -> tuple[float, float]:
+    low = float(bounds[0])
+    high = float(bounds[1]) if bounds[1] is not None else default_high
+    if not 0 < low < high:
+        raise InputError(f"{name} must be 0 < min < max in pixels, got {bounds!r}.")
+    return low, high
+
+
+def _chunks(y: torch.Tensor, size: int):
+    return [y[start:start + size] for start in range(0, len(y), size)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiles h(q), q = d^T Q d the squared elliptical radius; the model is amplitude * h + sky.
+# ``evaluate`` turns q into h in place (q's buffer is reused) and returns h, dh/dq (a tensor, or
+# a number c meaning c * h) and the derivatives of h with respect to the extra parameters.
+
+_EXP_FLOOR = -230.0
+"""exp arguments at or below this give exactly zero: such values are invisible in any image,
+and zeros keep later products away from subnormal numbers, on which CPUs are ~30x slower."""
+
+
+def _exp_(x):
+    """x <- exp(x) in place, exactly zero where x <= _EXP_FLOOR."""
+    torch.nn.functional.threshold_(x, _EXP_FLOOR, -math.inf)
+    return _numpy_inplace(np.exp, x) if _numpy_shares(x) else x.exp_()
+
+
+def _log_(x):
+    """x <- log(x) in place (-inf where x = 0)."""
+    return _numpy_inplace(np.log, x) if _numpy_shares(x) else x.log_()
+
+
+def _numpy_shares(x) -> bool:
+    # numpy's float64 exp and log are vectorised (AVX-512 where present) and run 2-3x faster
+    # than torch's on CPU; they work in place on the tensor's own memory.
+    return x.device.type == "cpu" and x.is_contiguous()
+
+
+def _numpy_inplace(function, x):
+    array = x.numpy()
+    function(array, out=array)
+    return x
+
+
+class _GaussianProfile:
+    """h = exp(-q / 2), Q the precision (inverse covariance) matrix."""
+
+    n_extra = 0
+    n_buffers = 0
+
+    def evaluate(self, shape, dx, dy, extra, derivatives: bool, out, buffers):
+        """h written into out (n, H, W); dh/dq = -h / 2."""
+        return _exp_(_squared_radius(shape, dx, dy, out, factor=-0.5)), -0.5, []
+
+
+class _SersicProfile:
+    """h = exp(-b_n (z^(1/n) - 1)), z^2 = q, with extra parameter log n."""
+
+    n_extra = 1
+    n_buffers = 4
+    # dh/dq has a cusp at the centre for n > 1/2; derivatives (not values) are taken no closer
+    # than this, so that a pixel falling on the centre cannot swamp the normal equations.
+    _log_q_floor = math.log(1e-8)
+
+    def evaluate(self, shape, dx, dy, extra, derivatives: bool, out, buffers):
+        """h written into out (n, H, W); also dh/dq and dh/dlog n when derivatives is True."""
+        log_q, w, dh_dq, dh_dlog_n = buffers
+        n = torch.exp(extra[:, 0])
+        b_n, db_dn = _sersic_b(n)
+        n, b_n, db_dn = (v[:, None, None] for v in (n, b_n, db_dn))
+        exponent = 0.5 / n
+        _log_(_squared_radius(shape, dx, dy, log_q))             # -inf on the centre: w = 0 there
+        _exp_(torch.mul(log_q, exponent, out=w))                  # w = z^(1/n)
+        h = _exp_(torch.mul(w, -b_n, out=out).add_(b_n))
+        if not derivatives:
+            return h, None, []
+        log_q.clamp_min_(self._log_q_floor)
+        _exp_(torch.mul(log_q, exponent - 1.0, out=dh_dq)).mul_(h).mul_(-b_n * exponent)
+        # dh/dlog n = n dh/dn = h (b_n w log(q) / 2n - n b_n' (w - 1))
+        torch.mul(log_q, b_n * exponent, out=dh_dlog_n).sub_(n * db_dn).mul_(w).add_(n * db_dn).mul_(h)
+        return h, dh_dq, [dh_dlog_n]
+
+
+def _sersic_b(n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """b_n = gammaincinv(2n, 1/2), as astropy computes it, and db_n/dn by a central difference."""
+    values = n.detach().cpu().numpy()
+    step = 1e-6 * values
+    b = scipy.special.gammaincinv(2.0 * values, 0.5)
+    slope = (scipy.special.gammaincinv(2.0 * (values + step), 0.5)
+             - scipy.special.gammaincinv(2.0 * (values - step), 0.5)) / (2.0 * step)
+    return torch.from_numpy(b).to(n), torch.from_numpy(slope).to(n)
+
+
+def sersic_total_flux(amplitude, r_eff, n, ellip):
+    """Total flux of astropy's Sersic2D over the plane, in image units x pixels.
+
+    ``2 pi n e^b_n b_n^(-2n) Gamma(2n) r_eff^2 (1 - ellip) amplitude``; arguments broadcast.
+    """
+    amplitude, r_eff, n, ellip = (np.asarray(v, np.float64) for v in (amplitude, r_eff, n, ellip))
+    b = scipy.special.gammaincinv(2.0 * n, 0.5)
+    log_scale = b - 2.0 * n * np.log(b) + scipy.special.gammaln(2.0 * n)
+    return 2.0 * np.pi * n * np.exp(log_scale) * r_eff ** 2 * (1.0 - ellip) * amplitude
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter vector theta, per image: [amplitude, (sky), x0, y0, l1, l2, l3, (log n)].
+# x0, y0 are relative to the image centre; the shape is the Cholesky factor of Q,
+# L = [[exp(l1), 0], [l2, exp(l3)]], Q = L L^T, so q = (exp(l1) dx + l2 dy)^2 + (exp(l3) dy)^2
+# is positive definite for every theta.
+
+
+def _n_linear(settings: _Settings) -> int:
+    return 2 if settings.fit_sky else 1
+
+
+def _shape_slice(settings: _Settings) -> slice:
+    start = _n_linear(settings)
+    return slice(start, start + _SHAPE_PARAMETERS)
+
+
+def _n_parameters(settings: _Settings) -> int:
+    return _n_linear(settings) + _SHAPE_PARAMETERS + settings.n_extra
+
+
+class _Grid:
+    """Pixel-centre coordinates (x along columns, y along rows) relative to the image centre."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, cx: float, cy: float):
+        self.x, self.y, self.cx, self.cy = x, y, cx, cy
+
+    @classmethod
+    def for_images(cls, height: int, width: int, device, binning: int = 1) -> "_Grid":
+        """The grid of (H, W) images, or of their ``binning`` x ``binning`` block averages."""
+        cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+        offset = (binning - 1) / 2.0
+        x = torch.arange(width // binning, dtype=torch.float64, device=device) * binning + offset - cx
+        y = torch.arange(height // binning, dtype=torch.float64, device=device) * binning + offset - cy
+        return cls(x, y, cx, cy)
+
+
+def _offsets(grid: _Grid, x0, y0):
+    """dx (n, 1, W) and dy (n, H, 1) of every pixel centre from each image's profile centre."""
+    return grid.x[None, None, :] - x0[:, None, None], grid.y[None, :, None] - y0[:, None, None]
+
+
+def _squared_radius(shape, dx, dy, out, factor: float = 1.0):
+    """factor * q, q = (exp(l1) dx + l2 dy)^2 + (exp(l3) dy)^2, written into out (n, H, W)."""
+    root = math.sqrt(abs(factor))
+    e1, l2, e3 = (root * v[:, None, None] for v in (torch.exp(shape[:, 2]), shape[:, 3], torch.exp(shape[:, 4])))
+    torch.add(e1 * dx, l2 * dy, out=out)
+    sign = 1.0 if factor >= 0 else -1.0
+    return torch.addcmul(sign * (e3 * dy) ** 2, out, out, value=sign, out=out)
+
+
+def _polynomials(shape):
+    """Coefficients c[n, k, b, a] of dq/d(shape_k) = sum_ab c dy^b dx^a: (n, 5, 3, 3).
+
+    shape_k runs over x0, y0, l1, l2, l3.
+    """
+    e1, l2, e3 = torch.exp(shape[:, 2]), shape[:, 3], torch.exp(shape[:, 4])
+    c = shape.new_zeros(len(shape), _SHAPE_PARAMETERS, 3, 3)
+    c[:, 0, 0, 1], c[:, 0, 1, 0] = -2 * e1 * e1, -2 * e1 * l2
+    c[:, 1, 0, 1], c[:, 1, 1, 0] = -2 * e1 * l2, -2 * (l2 * l2 + e3 * e3)
+    c[:, 2, 0, 2], c[:, 2, 1, 1] = 2 * e1 * e1, 2 * e1 * l2
+    c[:, 3, 1, 1], c[:, 3, 2, 0] = 2 * e1, 2 * l2
+    c[:, 4, 2, 0] = 2 * e3 * e3
+    return c
+
+
+def _powers(d, order: int):
+    """(n, L) -> (n, L, order + 1): d^0 ... d^order."""
+    out = [torch.ones_like(d), d]
+    for _ in range(order - 1):
+        out.append(out[-1] * d)
+    return torch.stack(out, -1)
+
+
+def _moments(weights, dx, dy, order: int):
+    """Sum over pixels of w * dy^b * dx^a, a, b <= order: weights (n, k, H, W) -> (n, k, o+1, o+1)."""
+    n, k, height, width = weights.shape
+    per_row = torch.bmm(weights.reshape(n, k * height, width), _powers(dx[:, 0, :], order))
+    return _powers(dy[:, :, 0], order).transpose(1, 2)[:, None] @ per_row.reshape(n, k, height, order + 1)
+
+
+def _product_sum(first, second, temp):
+    """Sum over pixels of first * second per image, using temp (n, H, W) as scratch: (n,)."""
+    return torch.mul(first, second, out=temp).sum((1, 2))
+
+
+def _squares_sum(x):
+    return torch.linalg.vector_norm(x, dim=(1, 2)) ** 2
+
+
+_PAIR_INDEX = torch.tensor([[(bi + bj) * 5 + (ai + aj) for bj in range(3) for aj in range(3)]
+                            for bi in range(3) for ai in range(3)])
+"""Where, among the flattened 5x5 fourth-order moments, the product of two quadratic terms falls."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost with exact linear parameters, and the Gauss-Newton normal equations
+
+
+@dataclass
+class _Data:
+    """The images being fitted and the sums the solver reuses."""
+
+    y: torch.Tensor          # (n, H, W) float64
+    y_sum: torch.Tensor      # (n,)
+    y_squares: torch.Tensor  # (n,)
+
+    @classmethod
+    def of(cls, y):
+        return cls(y, y.sum((1, 2)), _squares_sum(y))
+
+    def subset(self, index):
+        return _Data(self.y[index], self.y_sum[index], self.y_squares[index])
+
+
+class _Workspace:
+    """Image-sized scratch buffers, allocated once per solve: fresh large tensors cost page faults."""
+
+    def __init__(self, like: torch.Tensor, profile, settings: _Settings):
+        self.h, self.residual, self.temp = (torch.empty_like(like) for _ in range(3))
+        self.profile = [torch.empty_like(like) for _ in range(profile.n_buffers)]
+        n_weights = 2 + (profile.n_extra > 0) + settings.fit_sky + profile.n_extra
+        self.weights = like.new_empty(len(like), n_weights, *like.shape[1:])
+
+    def views(self, m: int):
+        return (self.h[:m], self.residual[:m], self.temp[:m], [b[:m] for b in self.profile], self.weights[:m])
+
+
+def _solve_linear(h, data, fit_sky: bool, squares, temp):
+    """Amplitude and sky minimising sum (y - A h - s)^2 for a fixed profile h.
+
+    Writes h^2 into ``squares`` (may be ``temp``). Returns amplitude, sky (zero unless fitted),
+    sum h^2 and sum h (None unless fitted), each (n,).
+    """
+    shh = torch.mul(h, h, out=squares).sum((1, 2))
+    shy = _product_sum(h, data.y, temp)
+    if not fit_sky:
+        amplitude = torch.where(shh > 0, shy / shh.clamp_min(1e-300), torch.zeros_like(shh))
+        return amplitude, torch.zeros_like(shh), shh, None
+    m = h.shape[1] * h.shape[2]
+    sh = h.sum((1, 2))
+    det = shh * m - sh * sh
+    # A profile that is numerically flat cannot be told apart from the sky: fit the sky alone.
+    solvable = det > 1e-12 * shh * m
+    safe = torch.where(solvable, det, torch.ones_like(det))
+    amplitude = torch.where(solvable, (shy * m - sh * data.y_sum) / safe, torch.zeros_like(det))
+    sky = torch.where(solvable, (shh * data.y_sum - sh * shy) / safe, data.y_sum / m)
+    return amplitude, sky, shh, sh
+
+
+def _evaluate(theta, data, grid, profile, settings, work, derivatives: bool = True):
+    """Cost at theta with amplitude (and sky) re-solved exactly.
+
+    theta: (n, P); data: the same n images. Returns theta with its linear entries replaced,
+    cost (n,) = sum of squared residuals, and an _Evaluation from which ``_normal_equations``
+    forms J^T J and J^T r (valid until ``work`` is used again).
+    """
+    h, residual, temp, buffers, weights = work.views(len(theta))
+    shape = theta[:, _shape_slice(settings)]
+    extra = theta[:, _shape_slice(settings).stop:]
+    dx, dy = _offsets(grid, shape[:, 0], shape[:, 1])
+    h, dh_dq, dh_dextra = profile.evaluate(shape, dx, dy, extra, derivatives, h, buffers)
+    # For the Gaussian, h^2 is also the weight of the fourth-order moments: keep it there.
+    squares = weights[:, 0] if isinstance(dh_dq, float) else temp
+    amplitude, sky, shh, sh = _solve_linear(h, data, settings.fit_sky, squares, temp)
+    torch.addcmul(data.y, h, -amplitude[:, None, None], out=residual)
+    if settings.fit_sky:
+        residual.sub_(sky[:, None, None])
+    cost = _squares_sum(residual)
+    theta = theta.clone()
+    theta[:, 0] = amplitude
+    if settings.fit_sky:
+        theta[:, 1] = sky
+    return theta, cost, _Evaluation(h, shh, sh, dh_dq, dh_dextra, residual, temp, weights, amplitude, shape, dx, dy)
+
+
+@dataclass
+class _Evaluation:
+    """What the normal equations are made of, for n images, at one theta.
+
+    h (amplitude column) with sum h^2 and sum h (None without sky); dh/dq (tensor, or number c
+    meaning c * h); dh/dextra (list); residual; scratch temp and moment weights; amplitude;
+    shape part of theta; pixel offsets dx, dy.
+    """
+
+    h: torch.Tensor
+    h_squared_sum: torch.Tensor
+    h_sum: torch.Tensor | None
+    dh_dq: torch.Tensor | float
+    dh_dextra: list
+    residual: torch.Tensor
+    temp: torch.Tensor
+    weights: torch.Tensor
+    amplitude: torch.Tensor
+    shape: torch.Tensor
+    dx: torch.Tensor
+    dy: torch.Tensor
+
+
+def _normal_equations(e: _Evaluation, settings):
+    """J^T J (n, P, P) and J^T r (n, P), without forming the (n, P, H*W) Jacobian J.
+
+    Columns of J: h (amplitude), 1 (sky), A dh/dq p_k (centre and shape; p_k = dq/dtheta_k is
+    a quadratic polynomial in dx, dy) and A dh/dextra. Every pixel sum that involves p_k is a
+    moment of a dh/dq-weighted image, taken separably along columns then rows, so an iteration
+    costs a few passes over the images whatever the number of parameters.
+    """
+    n, h, weights = len(e.residual), e.h, e.weights
+    extra = [column.mul_(e.amplitude[:, None, None]) for column in e.dh_dextra]
+    # dh/dq = scale * base. For the Gaussian base is h, whose square weights[:, 0] already holds.
+    gaussian = isinstance(e.dh_dq, float)
+    base, scale = (h, e.dh_dq) if gaussian else (e.dh_dq, 1.0)
+    plain = [h] + ([None] if settings.fit_sky else []) + extra     # None stands for the sky's 1
+    if not gaussian:
+        torch.mul(base, base, out=weights[:, 0])
+    torch.mul(base, e.residual, out=weights[:, 1])
+    slots = {}
+    for column in plain:
+        if gaussian and column is h:
+            continue
+        slots[id(column)] = slot = len(slots) + 2
+        if column is None:
+            weights[:, slot].copy_(base)
+        else:
+            torch.mul(base, column, out=weights[:, slot])
+    moments = _moments(weights, e.dx, e.dy, 4)
+
+    def cross(column):
+        return moments[:, 0 if gaussian and column is h else slots[id(column)], :3, :3].reshape(n, 9) * scale
+
+    c = _polynomials(e.shape).reshape(n, _SHAPE_PARAMETERS, 9) * e.amplitude[:, None, None]
+    fourth = moments[:, 0].reshape(n, 25)[:, _PAIR_INDEX.to(c.device)] * scale ** 2
+    shape_normal = c @ fourth @ c.transpose(1, 2)
+    shape_plain = c @ torch.stack([cross(column) for column in plain], 2)                 # (n, 5, b)
+    shape_gradient = (c @ (moments[:, 1, :3, :3].reshape(n, 9, 1) * scale))[..., 0]      # (n, 5)
+    h_residual = moments[:, 1, 0, 0] if gaussian else None
+    plain_normal, plain_gradient = _plain_sums(plain, e, h_residual)
+
+    p = torch.tensor(_plain_positions(settings), device=c.device)
+    s = torch.arange(_SHAPE_PARAMETERS, device=c.device) + _n_linear(settings)
+    size = _n_parameters(settings)
+    normal = c.new_zeros(n, size, size)
+    gradient = c.new_zeros(n, size)
+    normal[:, p[:, None], p[None, :]] = plain_normal
+    normal[:, s[:, None], s[None, :]] = shape_normal
+    normal[:, s[:, None], p[None, :]] = shape_plain
+    normal[:, p[:, None], s[None, :]] = shape_plain.transpose(1, 2)
+    gradient[:, p] = plain_gradient
+    gradient[:, s] = shape_gradient
+    return normal, gradient
+
+
+def _plain_positions(settings: _Settings) -> list[int]:
+    """Where the non-polynomial columns (amplitude, sky, extra) sit in theta."""
+    return list(range(_n_linear(settings))) + [_shape_slice(settings).stop + i for i in range(settings.n_extra)]
+
+
+def _plain_sums(plain, e: _Evaluation, h_residual):
+    """Pixel sums of products of the non-polynomial columns (None: the sky's 1), and with r."""
+    n, m = len(e.residual), e.residual.shape[1] * e.residual.shape[2]
+
+    def dot(first, second):
+        if first is e.h and second is e.h:
+            return e.h_squared_sum
+        if first is None and second is None:
+            return e.residual.new_full((n,), float(m))
+        if first is None or second is None:
+            other = second if first is None else first
+            return e.h_sum if other is e.h else other.sum((1, 2))
+        return _squares_sum(first) if first is second else _product_sum(first, second, e.temp)
+
+    def with_residual(column):
+        if column is None:
+            return e.residual.sum((1, 2))
+        if column is e.h and h_residual is not None:
+            return h_residual
+        return _product_sum(column, e.residual, e.temp)
+
+    size = len(plain)
+    normal = e.residual.new_empty(n, size, size)
+    for i in range(size):
+        for j in range(i, size):
+            normal[:, i, j] = normal[:, j, i] = dot(plain[i], plain[j])
+    return normal, torch.stack([with_residual(column) for column in plain], 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounds: shapes projected onto the allowed widths; centre and Sersic index kept in boxes
+
+
+def _precision(shape):
+    """Entries (a, b, c) of Q = L L^T = [[a, b], [b, c]] for the shape part of theta."""
+    e1, l2, e3 = torch.exp(shape[:, 2]), shape[:, 3], torch.exp(shape[:, 4])
+    return e1 * e1, e1 * l2, l2 * l2 + e3 * e3
+
+
+def _cholesky_parameters(a, b, c):
+    """(l1, l2, l3) of the Cholesky factor of a positive definite [[a, b], [b, c]]."""
+    e1 = torch.sqrt(a)
+    det = (a * c - b * b).clamp_min(1e-300)
+    return torch.log(e1), b / e1, 0.5 * torch.log(det / a)
+
+
+def _eigen(a, b, c):
+    """Eigenvalues (larger, smaller) of [[a, b], [b, c]] and the angle of the larger one's axis."""
+    mean = 0.5 * (a + c)
+    radius = torch.sqrt((0.5 * (a - c)) ** 2 + b * b)
+    return mean + radius, mean - radius, 0.5 * torch.atan2(2 * b, a - c)
+
+
+def _clip_eigenvalues(a, b, c, low: float, high: float):
+    """[[a, b], [b, c]] with its eigenvalues clipped into [low, high], same eigenvectors."""
+    larger, smaller, angle = _eigen(a, b, c)
+    larger, smaller = larger.clamp(low, high), smaller.clamp(low, high)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    return (larger * cos * cos + smaller * sin * sin, (larger - smaller) * sin * cos,
+            larger * sin * sin + smaller * cos * cos)
+
+
+def _box_bounds(settings: _Settings, grid: _Grid, like: torch.Tensor):
+    """(lower, upper), each (P,): the box of the centre and Sersic index, infinite elsewhere."""
+    size = _n_parameters(settings)
+    lower, upper = like.new_full((size,), -math.inf), like.new_full((size,), math.inf)
+    start = _n_linear(settings)
+    lower[start], upper[start] = -grid.cx - settings.centre_margin, grid.cx + settings.centre_margin
+    lower[start + 1], upper[start + 1] = -grid.cy - settings.centre_margin, grid.cy + settings.centre_margin
+    if settings.n_extra:
+        lower[-1], upper[-1] = settings.log_n_bounds
+    return lower, upper
+
+
+def _project(theta, settings, grid):
+    """theta with its widths inside settings.width_bounds and boxed entries inside their box."""
+    lower, upper = _box_bounds(settings, grid, theta)
+    theta = torch.maximum(torch.minimum(theta, upper), lower)
+    shape = _shape_slice(settings)
+    low, high = settings.width_bounds
+    # The profile's semi-axes (sigmas, or r_eff and the minor axis) are 1 / sqrt(eigenvalues of Q).
+    a, b, c = _clip_eigenvalues(*_precision(theta[:, shape]), 1.0 / high ** 2, 1.0 / low ** 2)
+    theta[:, shape.start + 2:shape.stop] = torch.stack(_cholesky_parameters(a, b, c), 1)
+    return theta
+
+
+def _frozen(theta, gradient, settings, grid):
+    """Boxed entries at a bound whose descent direction points out of the box: (n, P) bool."""
+    lower, upper = _box_bounds(settings, grid, theta)
+    tiny = 1e-12 * (1.0 + theta.abs())
+    return ((theta <= lower + tiny) & (gradient < 0)) | ((theta >= upper - tiny) & (gradient > 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched Levenberg-Marquardt
+
+
+@dataclass
+class _Solution:
+    """Solver output for n images: theta (n, P), cost (n,), converged (n,), iterations (n,),
+    model (n, H, W) float64 at theta."""
+
+    theta: torch.Tensor
+    cost: torch.Tensor
+    converged: torch.Tensor
+    iterations: torch.Tensor
+    model: torch.Tensor
+
+    def better_of(self, other: "_Solution") -> "_Solution":
+        """Per image, whichever of the two solutions has the lower cost."""
+        better = other.cost < self.cost
+
+        def pick(mine, theirs):
+            return torch.where(better.reshape(-1, *[1] * (mine.ndim - 1)), theirs, mine)
+
+        return _Solution(*(pick(getattr(self, f), getattr(other, f))
+                           for f in ("theta", "cost", "converged", "iterations", "model")))
+
+    @staticmethod
+    def concatenate(parts: list["_Solution"]) -> "_Solution":
+        return _Solution(*(torch.cat([getattr(p, f) for p in parts])
+                           for f in ("theta", "cost", "converged", "iterations", "model")))
+
+
+def _damped_step(normal, gradient, damping, frozen):
+    """Solve (J^T J + lambda D) step = J^T r for every image, D the floored diagonal of J^T J.
+
+    damping: (n,) lambda. Frozen entries get a zero step. Returns (step (n, P), solved (n,)
+    bool); where the damped matrix is not numerically positive definite the step is zero and
+    solved is False.
+    """
+    keep = (~frozen).to(normal.dtype)
+    normal = normal * keep[:, :, None] * keep[:, None, :]
+    gradient = gradient * keep
+    diagonal = torch.diagonal(normal, dim1=1, dim2=2)
+    # Floored so that a parameter without leverage (the shape of a zero-amplitude profile)
+    # still gets a finite, small step instead of a singular system.
+    scale = torch.maximum(diagonal, 1e-12 * diagonal.amax(1, keepdim=True) + 1e-300)
+    scale = torch.where(frozen, torch.ones_like(scale), scale)
+    factor, info = torch.linalg.cholesky_ex(normal + torch.diag_embed(damping[:, None] * scale))
+    step = torch.cholesky_solve(gradient[..., None], factor)[..., 0]
+    solved = (info == 0) & torch.isfinite(step).all(1)
+    return torch.where(solved[:, None], step, torch.zeros_like(step)), solved
+
+
+def _predicted_reduction(step, normal, gradient):
+    """Decrease of the sum of squares that the linearised model predicts for step: (n,)."""
+    return 2 * (step * gradient).sum(1) - (step[:, None, :] @ normal @ step[:, :, None])[:, 0, 0]
+
+
+def _levenberg_marquardt(theta, y, grid, profile, settings) -> _Solution:
+    """Minimise every image's sum of squared residuals, starting from theta (n, P).
+
+    Each iteration solves the damped normal equations of all running images at once and
+    evaluates the candidates; a lower cost is accepted (damping / 10), otherwise the damping
+    grows tenfold. An image has converged when the undamped Gauss-Newton step promises less
+    than ``settings.tolerance`` of its cost, when a step changed its cost by less than that and
+    promised no more (MINPACK's test), when no damping finds a lower cost, or when its residual
+    vanishes. Converged images drop out of later iterations.
+    """
+    data = _Data.of(y)
+    work = _Workspace(y, profile, settings)
+    theta, cost, evaluation = _evaluate(_project(theta, settings, grid), data, grid, profile, settings, work)
+    normal, gradient = _normal_equations(evaluation, settings)
+    n = len(theta)
+    damping = theta.new_full((n,), 1e-3)
+    iterations = torch.zeros(n, dtype=torch.int64, device=theta.device)
+    converged = cost <= 1e-28 * data.y_squares
+    running = torch.nonzero(~converged)[:, 0]
+    running_data = data.subset(running)
+    tol = settings.tolerance
+    for _ in range(settings.max_iterations):
+        old_theta, old_cost, old_normal, old_gradient = theta[running], cost[running], normal[running], gradient[running]
+        frozen = _frozen(old_theta, old_gradient, settings, grid)
+        newton, newton_solved = _damped_step(old_normal, old_gradient, torch.full_like(old_cost, 1e-12), frozen)
+        settled = newton_solved & (_predicted_reduction(newton, old_normal, old_gradient) <= tol * old_cost)
+        if bool(settled.any()):
+            converged[running[settled]] = True
+            keep = ~settled
+            running, running_data = running[keep], running_data.subset(keep)
+            old_theta, old_cost, old_normal, old_gradient, frozen = (
+                v[keep] for v in (old_theta, old_cost, old_normal, old_gradient, frozen))
+        if len(running) == 0:
+            break
+        step, solved = _damped_step(old_normal, old_gradient, damping[running], frozen)
+        new_theta, new_cost, evaluation = _evaluate(
+            _project(old_theta + step, settings, grid), running_data, grid, profile, settings, work)
+        accept = solved & torch.isfinite(new_cost) & (new_cost < old_cost)
+        predicted = _predicted_reduction(step, old_normal, old_gradient)
+        negligible = solved & ((old_cost - new_cost).abs() <= tol * old_cost) & (predicted <= tol * old_cost)
+        damping[running] = torch.where(accept, (damping[running] / 10).clamp_min(1e-12), damping[running] * 10)
+        iterations[running] += 1
+        finished = negligible | (damping[running] > 1e12) | (accept & (new_cost <= 1e-28 * running_data.y_squares))
+        taken = running[accept]
+        theta[taken], cost[taken] = new_theta[accept], new_cost[accept]
+        # The normal equations are only needed where the solver goes on from the new point.
+        if bool((accept & ~finished).any()):
+            new_normal, new_gradient = _normal_equations(evaluation, settings)
+            normal[taken], gradient[taken] = new_normal[accept], new_gradient[accept]
+        if bool(finished.any()):
+            converged[running[finished]] = True
+            running, running_data = running[~finished], running_data.subset(~finished)
+    return _Solution(theta, cost, converged, iterations, _model_images(theta, grid, profile, settings, work))
+
+
+def _model_images(theta, grid, profile, settings, work=None):
+    """amplitude * h + sky at every pixel centre: (n, H, W) float64, a new tensor."""
+    shape = theta[:, _shape_slice(settings)]
+    dx, dy = _offsets(grid, shape[:, 0], shape[:, 1])
+    model = theta.new_empty(len(theta), len(grid.y), len(grid.x))
+    buffers = work.views(len(theta))[3] if work is not None else [torch.empty_like(model) for _ in range(profile.n_buffers)]
+    profile.evaluate(shape, dx, dy, theta[:, _shape_slice(settings).stop:], False, model, buffers)
+    model.mul_(theta[:, 0, None, None])
+    return model.add_(theta[:, 1, None, None]) if settings.fit_sky else model
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting points
+
+
+def _binning(y) -> int:
+    """Block size of the coarse images the starting point is measured on (3 for 69 x 69)."""
+    return 3 if min(y.shape[1:]) >= 24 else 1
+
+
+def _block_average(y, binning: int):
+    """(n, H // b, W // b) means of b x b blocks (the last rows and columns if H, W % b are dropped)."""
+    if binning == 1:
+        return y
+    return torch.nn.functional.avg_pool2d(y[:, None], binning)[:, 0]
+
+
+def _border_median(y):
+    """Median of each image's outer frame, a tenth of the side wide (at least 1 pixel): (n,)."""
+    width = max(1, min(y.shape[1:]) // 10)
+    mask = torch.ones(y.shape[1:], dtype=torch.bool, device=y.device)
+    mask[width:-width, width:-width] = False
+    return y[:, mask].median(1).values
+
+
+def _adaptive_moments(image, grid, binning: int, iterations: int = 8):
+    """Centre (x0, y0) and covariance (sxx, sxy, syy), each (n,), from Gaussian-weighted moments.
+
+    The weight starts 3 pixels wide at the brightest point of the 3x3-smoothed image and is
+    iterated towards its fixed point, weight covariance = 2 x weighted covariance, which for a
+    Gaussian profile is its own covariance; the window keeps distant noise out of the moments.
+    """
+    smoothed = torch.nn.functional.avg_pool2d(image[:, None], 3, 1, 1, count_include_pad=False)[:, 0]
+    peak = smoothed.reshape(len(image), -1).argmax(1)
+    width = image.shape[2]
+    x0, y0 = grid.x[peak % width], grid.y[torch.div(peak, width, rounding_mode="floor")]
+    low, high = 0.25, float(max(grid.cx, grid.cy, 1.0)) ** 2
+    sxx = image.new_full((len(image),), 9.0)
+    sxy, syy = torch.zeros_like(sxx), sxx.clone()
+    for _ in range(iterations):
+        a, b, c = _inverse_2x2(sxx, sxy, syy)
+        dx, dy = _offsets(grid, x0, y0)
+        weight = _exp_(-0.5 * (a[:, None, None] * dx * dx + 2 * b[:, None, None] * dx * dy
+                               + c[:, None, None] * dy * dy))
+        m = _moments(weight.mul_(image)[:, None], dx, dy, 2)[:, 0]
+        total = m[:, 0, 0]
+        usable = total > 0
+        safe = torch.where(usable, total, torch.ones_like(total))
+        mx, my = m[:, 0, 1] / safe, m[:, 1, 0] / safe
+        new = _clip_eigenvalues(2 * (m[:, 0, 2] / safe - mx * mx), 2 * (m[:, 1, 1] / safe - mx * my),
+                                2 * (m[:, 2, 0] / safe - my * my), low, high)
+        x0 = torch.where(usable, (x0 + mx).clamp(-grid.cx, grid.cx), x0)
+        y0 = torch.where(usable, (y0 + my).clamp(-grid.cy, grid.cy), y0)
+        sxx, sxy, syy = (torch.where(usable, fresh, old) for fresh, old in zip(new, (sxx, sxy, syy)))
+    # Block averaging widened the profile by the variance of a uniform block less one pixel's.
+    blur = (binning ** 2 - 1) / 12.0
+    return (x0, y0) + _clip_eigenvalues(sxx - blur, sxy, syy - blur, low, high)
+
+
+def _inverse_2x2(a, b, c):
+    det = a * c - b * b
+    return c / det, -b / det, a / det
+
+
+def _gaussian_start(y, settings):
+    """theta (n, P) for the Gaussian from adaptive moments of the block-averaged images."""
+    binning = _binning(y)
+    coarse = _block_average(y, binning)
+    grid = _Grid.for_images(y.shape[1], y.shape[2], y.device, binning)
+    sky = _border_median(coarse) if settings.fit_sky else coarse.new_zeros(len(y))
+    x0, y0, sxx, sxy, syy = _adaptive_moments(coarse - sky[:, None, None], grid, binning)
+    linear = [torch.zeros_like(x0)] + ([sky] if settings.fit_sky else [])
+    return torch.stack(linear + [x0, y0, *_cholesky_parameters(*_inverse_2x2(sxx, sxy, syy))], 1)
+
+
+def _fit_gaussian_chunk(y, settings) -> _Solution:
+    grid = _Grid.for_images(y.shape[1], y.shape[2], y.device)
+    return _levenberg_marquardt(_gaussian_start(y, settings), y, grid, _GaussianProfile(), settings)
+
+
+def _fit_sersic_chunk(y, starts, settings, gaussian_settings) -> _Solution:
+    """The best Sersic fit over the starting indices, each started from the chunk's Gaussian fit."""
+    grid = _Grid.for_images(y.shape[1], y.shape[2], y.device)
+    gaussian = _fit_gaussian_chunk(y, gaussian_settings).theta
+    best = None
+    for n in starts:
+        solution = _levenberg_marquardt(_sersic_start(gaussian, n, settings), y, grid, _SersicProfile(), settings)
+        best = solution if best is None else best.better_of(solution)
+    return best
+
+
+def _sersic_start(gaussian_theta, n: float, settings):
+    """Sersic theta with the Gaussian fit's centre and half-light ellipse, and index n."""
+    shape = _shape_slice(settings)
+    theta = torch.cat([gaussian_theta, gaussian_theta.new_full((len(gaussian_theta), 1), math.log(n))], 1)
+    # The Gaussian's half-light isophote is q = 2 ln 2, the Sersic profile's is q = 1.
+    theta[:, shape.start + 2] -= math.log(_HALF_LIGHT_PER_SIGMA)
+    theta[:, shape.start + 3] /= _HALF_LIGHT_PER_SIGMA
+    theta[:, shape.start + 4] -= math.log(_HALF_LIGHT_PER_SIGMA)
+    return theta
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+def _package(name, y, parts: list[_Solution], settings) -> BaselineFit:
+    """The BaselineFit of the per-chunk solutions: float32 models, MSE and named parameters."""
+    solution = _Solution.concatenate(parts)
+    grid = _Grid.for_images(y.shape[1], y.shape[2], y.device)
+    return BaselineFit(
+        name=name,
+        model_images=solution.model.to(torch.float32).cpu().numpy(),
+        params=_named_parameters(name, solution.theta, grid, settings),
+        mse=(solution.cost / (y.shape[1] * y.shape[2])).cpu().numpy(),
+        converged=solution.converged.cpu().numpy(),
+        iterations=solution.iterations.cpu().numpy(),
+    )
+
+
+def _named_parameters(name, theta, grid, settings) -> dict[str, np.ndarray]:
+    """astropy-style parameters, (N,) float64 each, from theta (N, P)."""
+    shape = theta[:, _shape_slice(settings)]
+    larger, smaller, angle = _eigen(*_precision(shape))
+    # The major axis lies along the eigenvector of Q's smaller eigenvalue.
+    orientation = torch.remainder(angle + math.pi / 2, math.pi)
+    major, minor = torch.rsqrt(smaller), torch.rsqrt(larger)
+    amplitude = theta[:, 0]
+    centre = {"x0": shape[:, 0] + grid.cx, "y0": shape[:, 1] + grid.cy}
+    if name == "gaussian":
+        params = {"flux": amplitude * 2 * math.pi * major * minor, "amplitude": amplitude, **centre,
+                  "sigma_major": major, "sigma_minor": minor, "theta": orientation}
+    else:
+        params = {"amplitude": amplitude, "r_eff": major, "n": torch.exp(theta[:, -1]), **centre,
+                  "ellip": 1.0 - minor / major, "theta": orientation}
+    if settings.fit_sky:
+        params["sky"] = theta[:, 1]
+    params = {key: value.cpu().numpy().astype(np.float64) for key, value in params.items()}
+    if name == "sersic":
+        params["flux"] = sersic_total_flux(params["amplitude"], params["r_eff"], params["n"], params["ellip"])
+    return params
