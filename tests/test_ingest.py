@@ -489,3 +489,17 @@ def test_detect_skips_fields_without_usable_pixels_or_galaxies(tmp_path, good_pi
     reasons = dict(report.skipped)
     assert reasons[str(empty)] == "holds no finite pixels"
     assert reasons[str(sky)].startswith("has no resolved extended sources to keep")
+
+
+def test_kinds_with_the_same_units_mix_and_missing_columns_are_filled(tmp_path):
+    folder = galaxy_zoo_folder(tmp_path / "gz", ids=(5,))
+    labels = solutions_csv(tmp_path / "solutions.csv", {5: [0.1, 0.8, 0.1, 0.5]})
+    decals, _ = galaxy10_file(tmp_path / "Galaxy10_DECals.h5", n=2, size=256, decals=True)
+    report = quiet_ingest([folder, decals], tmp_path / "mixed.h5", labels_csv=labels)
+    data = read_dataset(tmp_path / "mixed.h5")
+    meta = data.metadata
+    assert report.kinds == {"galaxy-zoo": 1, "galaxy10-decals": 2}
+    assert data.attrs["source"] == "galaxy-zoo+galaxy10-decals" and math.isnan(data.attrs["pixel_scale_arcsec"])
+    assert list(meta["label"]) == [-1, 0, 1] and np.isnan(meta["ra"][0]) and meta["Class1.2"][0] == 0.8
+    assert np.isnan(meta["Class1.2"][1:]).all() and list(meta["has_labels"]) == [True, False, False]
+    assert list(meta["family"]) == ["features or disk", "Disturbed", "Merging"]

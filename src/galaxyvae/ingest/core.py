@@ -222,11 +222,14 @@ def folder_inputs(folder: Path, seen: set[Path]) -> Iterator[Path | BadInput | I
 
 def collect(inputs: list, options: IngestOptions, strict: bool, progress: bool) -> Collection:
     """Read every input into a Collection, skipping (or, if strict, stopping at) bad ones."""
+    from threadpoolctl import threadpool_limits
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     collection = Collection(strict=strict)
-    with logging_redirect_tqdm(), tqdm(inputs, desc="ingest", unit="file", disable=not progress) as bar:
+    # Resampling multiplies small matrices, which multi-threaded BLAS slows down ten-fold on a busy machine.
+    with threadpool_limits(limits=1, user_api="blas"), logging_redirect_tqdm(), \
+            tqdm(inputs, desc="ingest", unit="file", disable=not progress) as bar:
         for item in bar:
             if isinstance(item, IgnoredFiles):
                 collection.ignored += item.count
