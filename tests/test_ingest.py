@@ -349,6 +349,18 @@ def test_an_existing_output_is_refused_before_any_work(tmp_path, monkeypatch):
     assert read_dataset(out).images.shape == (1, 69, 69)
 
 
+def test_a_failure_while_writing_leaves_no_file_behind(tmp_path, monkeypatch):
+    picture = save_picture(tmp_path / "a.png", galaxy((80, 80)))
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("galaxyvae.dataset._write_column", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        quiet_ingest([picture], tmp_path / "out.h5")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
 def test_invalid_options_fail_before_reading(tmp_path):
     picture = save_picture(tmp_path / "a.png", galaxy((80, 80)))
     with pytest.raises(InputError, match="--band"):
