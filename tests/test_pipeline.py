@@ -1,9 +1,11 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from galaxyvae import pipeline
+from galaxyvae.config import TrainConfig
 from galaxyvae.errors import InputError
 from galaxyvae.pipeline import Paths, ReproducePlan
 from tests.helpers import write_blob_dataset
@@ -20,6 +22,7 @@ def paths_in(folder, plan=TINY, seed=0):
 def test_the_full_plan_is_the_papers_experiment():
     assert pipeline.FULL.n_images - pipeline.FULL.n_held_out == 43_444
     assert pipeline.FULL.n_held_out == 1000
+    assert pipeline.FULL.batch_size == TrainConfig().batch_size  # the paper's model, TrainConfig defaults
     assert pipeline.QUICK.n_images < 1000 and pipeline.QUICK.epochs < pipeline.FULL.epochs
 
 
@@ -84,3 +87,52 @@ def test_record_keeps_stage_times_across_invocations_and_refuses_another_plan(tm
     assert saved["total_seconds"] == 12.35
     with pytest.raises(InputError, match="another plan or seed"):
         pipeline.start_record(paths_in(tmp_path / "out", seed=1))
+
+
+def test_reproduce_end_to_end_continues_an_interrupted_run_then_skips_everything(tmp_path, monkeypatch, capsys):
+    """The CLI's --quick with its sizes shrunk to TINY: simulate -> train -> evaluate -> figures -> report."""
+    from galaxyvae.cli import main
+    from galaxyvae.figures import FIGURES
+    from galaxyvae.runs import read_log
+    from galaxyvae.simulation import simulate_survey
+    from galaxyvae.training import train
+
+    monkeypatch.setattr(pipeline, "QUICK", TINY)
+    out = tmp_path / "out"
+    out.mkdir()
+    # The state an interruption after the first of two epochs leaves behind.
+    simulate_survey(out / "survey.h5", n_images=TINY.n_images, n_held_out=TINY.n_held_out, seed=0, progress=False)
+    train(out / "survey.h5", out / "run", TrainConfig(epochs=1, seed=0), progress=False)
+    first_epoch = read_log(out / "run" / "log.csv")
+
+    assert main(["reproduce", "--quick", "--out", str(out)]) == 0
+    assert f"report: {out / 'run' / 'report.html'}" in capsys.readouterr().out
+    record = json.loads((out / "reproduce.json").read_text())
+    assert record["invocations"][0]["skipped"] == ["simulate"]
+    assert record["invocations"][0]["ran"] == ["train", "evaluate", "figures", "report"]
+    log = read_log(out / "run" / "log.csv")
+    np.testing.assert_array_equal(log["epoch"], [1, 2])
+    assert log["train_loss"][0] == first_epoch["train_loss"][0]  # continued, not started over
+    for name in ("evaluation.json", "per_image.csv", "table.md", "report.html", "checkpoints/best.pt"):
+        assert (out / "run" / name).is_file(), name
+    assert sorted(p.name for p in (out / "run" / "figures").glob("*.png")) == sorted(s.name for s in FIGURES)
+    page = (out / "run" / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == len(FIGURES)
+
+    before = {p: p.stat().st_mtime_ns for p in (out / "run").rglob("*") if p.is_file()}
+    assert main(["reproduce", "--quick", "--out", str(out)]) == 0
+    record = json.loads((out / "reproduce.json").read_text())
+    assert record["invocations"][1]["ran"] == []
+    assert record["invocations"][1]["skipped"] == ["simulate", "train", "evaluate", "figures", "report"]
+    assert {p: p.stat().st_mtime_ns for p in (out / "run").rglob("*") if p.is_file()} == before
+    assert set(record["stages"]) == {"train", "evaluate", "figures", "report", "simulate"}
+
+
+@pytest.mark.slow
+def test_the_quick_reproduction_as_ci_runs_it(tmp_path):
+    from galaxyvae.cli import main
+
+    assert main(["reproduce", "--quick", "--out", str(tmp_path / "quick")]) == 0
+    evaluation = json.loads((tmp_path / "quick" / "run" / "evaluation.json").read_text())
+    assert evaluation["n_images"] == pipeline.QUICK.n_held_out
+    assert (tmp_path / "quick" / "run" / "report.html").is_file()

@@ -239,7 +239,7 @@ def add_reproduce(commands) -> None:
                    help="folder for the data set (OUT/survey.h5), the run (OUT/run/) and OUT/reproduce.json; "
                         "run the same command again to resume an interrupted reproduction")
     p.add_argument("--quick", action="store_true",
-                   help="a small, fast version (600 stamps, 5 epochs; about a minute) for tests and CI")
+                   help="a small, fast version (600 stamps, 20 epochs of batch 32; about a minute) for tests and CI")
     p.add_argument("--seed", type=int, default=0, help="seed of every step")
     p.set_defaults(run=run_reproduce)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from galaxyvae._io import write_json_atomic
+from galaxyvae.config import TrainConfig
 from galaxyvae.errors import InputError
 from galaxyvae.provenance import command_line, library_versions, utc_now
 
@@ -37,12 +38,14 @@ RECORD_NAME = "reproduce.json"
 @dataclass(frozen=True)
 class ReproducePlan:
     """The sizes of one reproduction. The defaults are the paper's experiment (43,444 training and
-    1,000 held-out galaxies, the paper's model), with epochs chosen so that the whole command fits
-    in about 20 minutes on a 2-core CPU."""
+    1,000 held-out galaxies, the paper's model and TrainConfig's batch size), with epochs chosen so
+    that training takes 10-12 minutes on a 2-core CPU (about 13,000 images/s compiled, measured on
+    2 busy cores: 3.3 s per epoch) and the whole command under 20 minutes."""
 
     n_images: int = 44_444
     n_held_out: int = 1000
-    epochs: int = 40
+    epochs: int = 200
+    batch_size: int = TrainConfig().batch_size
     importance_samples: int = 64
     max_tsne: int = 1000
     n_conditional: int = 6
@@ -50,8 +53,9 @@ class ReproducePlan:
 
 
 FULL = ReproducePlan()
-QUICK = ReproducePlan(n_images=600, n_held_out=100, epochs=5, importance_samples=16, max_tsne=100)
-"""A small but real run (tests, CI): about a minute on 2 cores."""
+QUICK = ReproducePlan(n_images=600, n_held_out=100, epochs=20, batch_size=32, importance_samples=16, max_tsne=100)
+"""A small but real run (tests, CI): about a minute on 2 cores. Small batches give its 500
+training images 300 gradient steps, enough for the model to learn the typical galaxy."""
 
 
 @dataclass(frozen=True)
@@ -126,7 +130,8 @@ def build_stages() -> list[Stage]:
     return [
         Stage("simulate", "simulating {plan.n_images:,} stamps ({plan.n_held_out:,} held out) -> {paths.survey}",
               survey_complete, simulate_stage),
-        Stage("train", "training for {plan.epochs} epochs -> {paths.run_dir}", training_complete, train_stage),
+        Stage("train", "training for {plan.epochs} epochs (batch {plan.batch_size}) -> {paths.run_dir}",
+              training_complete, train_stage),
         Stage("evaluate", "held-out metrics ({plan.importance_samples} importance samples) against the fits",
               evaluation_complete, evaluate_stage),
         Stage("figures", "drawing the figures -> {paths.run_dir}/figures", figures_complete, figures_stage),
@@ -186,13 +191,13 @@ def epochs_logged(log_csv: Path) -> int:
 
 
 def train_stage(paths: Paths) -> None:
-    from galaxyvae.config import TrainConfig
     from galaxyvae.training import train
 
     resume = (paths.run_dir / "config.json").is_file()
     if resume:
         log.info("reproduce: continuing the interrupted training in %s", paths.run_dir)
-    train(paths.survey, paths.run_dir, TrainConfig(epochs=paths.plan.epochs, seed=paths.seed), resume=resume)
+    config = TrainConfig(epochs=paths.plan.epochs, batch_size=paths.plan.batch_size, seed=paths.seed)
+    train(paths.survey, paths.run_dir, config, resume=resume)
 
 
 def evaluation_complete(paths: Paths) -> bool:
