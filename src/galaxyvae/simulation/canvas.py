@@ -77,9 +77,11 @@ def draw_k(profile, x: float = 0.0, y: float = 0.0) -> np.ndarray:
 
 
 def shifted(k_image: np.ndarray, dx: float, dy: float) -> np.ndarray:
-    """A Fourier-space scene moved by (dx, dy) arcsec (a phase ramp)."""
+    """A Fourier-space scene moved by (dx, dy) arcsec (a separable phase ramp)."""
     kx, ky = wavenumbers()
-    return k_image * np.exp(-1j * (kx * np.float32(dx) + ky * np.float32(dy))).astype(np.complex64)
+    ramp_x = np.exp(-1j * kx[0].astype(np.float64) * dx).astype(np.complex64)
+    ramp_y = np.exp(-1j * ky[:, 0].astype(np.float64) * dy).astype(np.complex64)
+    return k_image * ramp_y[:, None] * ramp_x[None, :]
 
 
 def to_real(k_image: np.ndarray) -> np.ndarray:

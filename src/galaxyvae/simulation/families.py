@@ -93,14 +93,16 @@ def _modulated(real: np.ndarray, factor: np.ndarray) -> np.ndarray:
     return out * np.float32(float(real.sum()) / total) if total > 0 else real
 
 
-def _bulge_disk_inclination(rng, base, cos_range, thickness=DISK_THICKNESS) -> dict:
+def _inclined(rng, cos_range, thickness=DISK_THICKNESS) -> dict:
+    """A disk orientation: cos(inclination) uniform in ``cos_range`` (random orientations), and its axis ratio."""
     cos_i = rng.uniform(*cos_range)
     return {"inclination_deg": _r(np.degrees(np.arccos(cos_i)), 3),
             "axis_ratio": _r(_disk_axis_ratio(cos_i, thickness))}
 
 
-def _knots(rng, params: dict, prefix: str = "knot") -> dict:
-    return {f"{prefix}_seed": int(rng.integers(1, 2 ** 31 - 1))}
+def _knot_seeds(rng) -> dict:
+    """Seeds of a galaxy's knots: their positions (GalSim RandomKnots) and their fluxes and selection."""
+    return {"knot_seed": int(rng.integers(1, 2 ** 31 - 1)), "knot_flux_rng_seed": int(rng.integers(1, 2 ** 31 - 1))}
 
 
 def _cos_i(params: dict) -> float:
@@ -110,7 +112,7 @@ def _cos_i(params: dict) -> float:
 # --- grand-design spiral (M51) ---------------------------------------------------------------
 
 def draw_grand_design(rng, base):
-    p = _bulge_disk_inclination(rng, base, (0.35, 1.0))
+    p = _inclined(rng, (0.35, 1.0))
     p.update(
         bulge_fraction=_r(rng.uniform(0.05, 0.3)), bulge_n=_sersic_n(rng, 1.5, 4.0),
         bulge_radius_arcsec=_r(base["half_light_radius_arcsec"] * rng.uniform(0.12, 0.3)),
@@ -122,8 +124,7 @@ def draw_grand_design(rng, base):
         knot_fraction=_r(rng.uniform(0.04, 0.15)), knot_candidates=int(rng.integers(150, 400)),
         dust_tau=_r(rng.uniform(0.5, 1.5)), dust_phase_offset_rad=_r(rng.uniform(0.35, 0.8)),
     )
-    p.update(_knots(rng, p))
-    p["knot_flux_rng_seed"] = int(rng.integers(1, 2 ** 31 - 1))
+    p.update(_knot_seeds(rng))
     return p
 
 
@@ -189,18 +190,20 @@ def draw_dusty_elliptical(rng, base):
     return p
 
 
-def filament_optical_depth(radius, phi, filament: dict, r50: float, chirality: int):
+def filament_optical_depth(radius, ln_radius, phi, filament: dict, r50: float, chirality: int):
     """Optical depth of one dust filament: a logarithmic-spiral arc of Gaussian cross-section in the
-    dust plane, from ``start_radius_ratio * r50`` over ``log_extent`` in ln R."""
-    tan_pitch = np.tan(np.radians(filament["pitch_deg"]))
-    ln_start = np.log(filament["start_radius_ratio"] * r50)
-    offset = np.log(radius) - ln_start - np.float32(tan_pitch) * (np.float32(chirality) * phi - np.float32(filament["phase_rad"]))
-    period = np.float32(2 * np.pi * tan_pitch)
+    dust plane, from ``start_radius_ratio * r50`` over ``log_extent`` in ln R (ends ramped over 0.15)."""
+    tan_pitch = np.float32(np.tan(np.radians(filament["pitch_deg"])))
+    ln_start = np.float32(np.log(filament["start_radius_ratio"] * r50))
+    period = np.float32(2 * np.pi) * tan_pitch
+    # ln R above the nearest winding of the spiral, wrapped into [-period/2, period/2)
+    offset = ln_radius - ln_start - tan_pitch * (np.float32(chirality) * phi - np.float32(filament["phase_rad"]))
     offset = (offset + period / 2) % period - period / 2
-    ln_on_arc = np.log(radius) - offset - np.float32(ln_start)
-    window = 1 / (1 + np.exp(-ln_on_arc / 0.08)) / (1 + np.exp((ln_on_arc - filament["log_extent"]) / 0.08))
-    distance = radius * offset * np.float32(np.cos(np.arctan(tan_pitch)))
-    return np.float32(filament["tau"]) * window * np.exp(-0.5 * (distance / np.float32(filament["width_arcsec"])) ** 2)
+    along = ln_radius - offset - ln_start
+    ramp = np.float32(0.15)
+    window = np.clip(along / ramp, 0, 1) * np.clip((np.float32(filament["log_extent"]) - along) / ramp, 0, 1)
+    distance = radius * offset * np.float32(np.cos(np.arctan(tan_pitch)) / filament["width_arcsec"])
+    return np.float32(filament["tau"]) * window * np.exp(np.float32(-0.5) * distance * distance)
 
 
 def render_dusty_elliptical(p):
@@ -213,7 +216,8 @@ def render_dusty_elliptical(p):
         return k_image
     cos_d = float(np.cos(np.radians(p["dust_inclination_deg"])))
     radius, phi = geo.disk_polar(x0, y0, p["dust_position_angle_deg"], cos_d)
-    tau = sum(filament_optical_depth(radius, phi, f, r50, p["chirality"]) for f in p["filaments"])
+    ln_radius = np.log(radius)
+    tau = sum(filament_optical_depth(radius, ln_radius, phi, f, r50, p["chirality"]) for f in p["filaments"])
     tau = tau * _clumps(p["dust_field_seed"], p["dust_clumpiness"], 0.6)
     _, w = geo.rotated(x0, y0, p["dust_position_angle_deg"])
     behind = geo.near_side_fraction(w, p["near_side"], 0.25 * r50)
@@ -229,7 +233,7 @@ def _clumps(seed: int, strength: float, correlation_arcsec: float) -> np.ndarray
 # --- distorted spiral (NGC 60) ---------------------------------------------------------------
 
 def draw_distorted_spiral(rng, base):
-    p = _bulge_disk_inclination(rng, base, (0.35, 1.0))
+    p = _inclined(rng, (0.35, 1.0))
     n_arms = int(rng.choice([1, 2, 2, 3]))
     p.update(
         bulge_fraction=_r(rng.uniform(0.0, 0.15)), bulge_n=_sersic_n(rng, 1.0, 3.0),
@@ -247,8 +251,7 @@ def draw_distorted_spiral(rng, base):
         knot_fraction=_r(rng.uniform(0.03, 0.12)), knot_candidates=int(rng.integers(100, 300)),
         dust_tau=_r(rng.uniform(0.0, 0.6)),
     )
-    p.update(_knots(rng, p))
-    p["knot_flux_rng_seed"] = int(rng.integers(1, 2 ** 31 - 1))
+    p.update(_knot_seeds(rng))
     return p
 
 
@@ -380,15 +383,15 @@ def render_irregular(p):
 # --- Sombrero: bulge-dominated, disk with a dust lane ----------------------------------------
 
 def draw_sombrero(rng, base):
-    inclination = rng.uniform(70, 86)
+    inclination = rng.uniform(70, 85)
     return {
         "inclination_deg": _r(inclination, 3),
         "axis_ratio": _r(_disk_axis_ratio(np.cos(np.radians(inclination)), 0.08)),
-        "bulge_fraction": _r(rng.uniform(0.5, 0.85)), "bulge_n": _sersic_n(rng, 2.5, 4.5),
+        "bulge_fraction": _r(rng.uniform(0.4, 0.75)), "bulge_n": _sersic_n(rng, 2.5, 4.5),
         "bulge_radius_ratio": _r(rng.uniform(0.45, 0.8)), "bulge_axis_ratio": _r(rng.uniform(0.55, 0.85)),
         "disk_hole_ratio": _r(rng.uniform(0.3, 0.6)), "scale_height_ratio": _r(rng.uniform(0.04, 0.09)),
-        "dust_ring_ratio": _r(rng.uniform(0.9, 1.4)), "dust_ring_width_ratio": _r(rng.uniform(0.1, 0.22)),
-        "dust_tau": _r(rng.uniform(1.5, 4.0)), "near_side": int(rng.choice([-1, 1])),
+        "dust_ring_ratio": _r(rng.uniform(0.8, 1.3)), "dust_ring_width_ratio": _r(rng.uniform(0.15, 0.3)),
+        "dust_tau": _r(rng.uniform(2.0, 5.0)), "near_side": int(rng.choice([-1, 1])),
         "dust_clumpiness": _r(rng.uniform(0.2, 0.5)), "dust_field_seed": int(rng.integers(1, 2 ** 31 - 1)),
         "has_dust": True,
     }
@@ -412,7 +415,7 @@ def render_sombrero(p):
     tau = p["dust_tau"] * np.exp(-0.5 * ((ring_radius - np.float32(ring)) / np.float32(p["dust_ring_width_ratio"] * ring)) ** 2)
     tau = tau * _clumps(p["dust_field_seed"], p["dust_clumpiness"], 0.5)
     behind = geo.near_side_fraction(w, p["near_side"], 0.15)
-    return canvas.to_k(scene * geo.screen_transmission(tau, 0.15 + 0.8 * behind))
+    return canvas.to_k(scene * geo.screen_transmission(tau, 0.1 + 0.85 * behind))
 
 
 # --- idealised: smooth elliptical and lenticular ---------------------------------------------
@@ -427,7 +430,7 @@ def render_smooth_elliptical(p):
 
 
 def draw_lenticular(rng, base):
-    p = _bulge_disk_inclination(rng, base, (0.08, 1.0), THICK_DISK_THICKNESS)
+    p = _inclined(rng, (0.08, 1.0), THICK_DISK_THICKNESS)
     p.update(bulge_fraction=_r(rng.uniform(0.3, 0.7)), bulge_n=_sersic_n(rng, 2.0, 4.5),
              bulge_radius_arcsec=_r(base["half_light_radius_arcsec"] * rng.uniform(0.2, 0.5)),
              bulge_axis_ratio=_r(max(p["axis_ratio"], rng.uniform(0.6, 1.0))))

@@ -41,13 +41,18 @@ def simulate_chunk(seed: int, start: int, stop: int) -> tuple[int, np.ndarray, l
 
     Returns (start, images (stop - start, 69, 69) float32 in nanomaggies, metadata rows).
     """
+    from galsim.utilities import single_threaded
+
     images = np.empty((stop - start, STAMP_SIZE, STAMP_SIZE), np.float32)
     records = []
-    for offset, index in enumerate(range(start, stop)):
-        spec = draw_stamp(seed, index)
-        rendered = render_stamp(spec)
-        images[offset] = rendered.image
-        records.append(stamp_record(spec, rendered))
+    # GalSim's OpenMP loops (e.g. its noise generators) spin-wait for busy cores: on a shared
+    # machine they run many times slower than one thread.
+    with single_threaded():
+        for offset, index in enumerate(range(start, stop)):
+            spec = draw_stamp(seed, index)
+            rendered = render_stamp(spec)
+            images[offset] = rendered.image
+            records.append(stamp_record(spec, rendered))
     return start, images, records
 
 
