@@ -139,21 +139,31 @@ def sigma_norm(sigma: np.ndarray):
     return AsinhNorm(linear_width=median if median > 0 else top / 10, vmin=0.0, vmax=top)
 
 
-def asinh_ticks(norm, per_side: int = 3) -> list[float]:
-    """Readable colour-bar ticks for an AsinhNorm: zero (if inside the range) and up to ``per_side``
-    round values per sign, half a decade apart, all outside the linear core so labels do not collide."""
-    lo, hi, width = norm.vmin, norm.vmax, norm.linear_width
-    ticks = [0.0] if lo <= 0 <= hi else []
-    for end in (hi, lo):
-        if end == 0:
-            continue
-        value = _round_towards_zero(end)
-        for _ in range(per_side):
-            if abs(value) < 2 * width:
-                break
-            ticks.append(value)
+def asinh_ticks(norm, per_side: int = 3, min_gap: float = 0.07) -> list[float]:
+    """Readable colour-bar ticks for an AsinhNorm: zero (if inside the range), up to ``per_side``
+    round values half a decade apart below the upper end, and the rounded lower end; any tick closer than ``min_gap`` (in colour-bar fractions) to one already kept is
+    dropped, so labels never collide."""
+    lo, hi = norm.vmin, norm.vmax
+    candidates = [0.0] if lo <= 0 <= hi else []
+    for end, count in ((hi, per_side), (lo, 1)):
+        value = _round_towards_zero(end) if end != 0 else 0.0
+        for _ in range(count if value != 0 else 0):
+            candidates.append(value)
             value = _round_towards_zero(value / np.sqrt(10))
-    return sorted(set(ticks))
+    if lo > 0:
+        candidates.append(_round_away_from_zero(lo))
+    kept: list[float] = []
+    for value in candidates:
+        position = float(norm(value))
+        if 0 <= position <= 1 and all(abs(position - float(norm(k))) >= min_gap for k in kept):
+            kept.append(value)
+    return sorted(kept)
+
+
+def _round_away_from_zero(value: float) -> float:
+    """``value`` rounded away from zero to two significant figures."""
+    scale = 10 ** (np.floor(np.log10(abs(value))) - 1)
+    return float(np.sign(value) * np.ceil(abs(value) / scale - 1e-9) * scale)
 
 
 def _round_towards_zero(value: float) -> float:
@@ -320,7 +330,7 @@ def non_overlapping(points: np.ndarray, size: float, seed: int = 0) -> np.ndarra
     return np.sort(np.asarray(kept, dtype=int))
 
 
-def plot_tsne(embedding: np.ndarray, thumbnails: np.ndarray, families=None, thumbnails_across: int = 24,
+def plot_tsne(embedding: np.ndarray, thumbnails: np.ndarray, families=None, thumbnails_across: int = 20,
               seed: int = 0, title: str = ""):
     """Galaxies at their t-SNE positions, drawn as their own asinh-stretched thumbnails.
 
@@ -370,7 +380,8 @@ def plot_tsne(embedding: np.ndarray, thumbnails: np.ndarray, families=None, thum
     if labelled:
         handles = [Line2D([], [], marker="s", linestyle="", markersize=10, markerfacecolor="white",
                           markeredgewidth=2.5, markeredgecolor=colour_of[name],
-                          label=f"{name or 'unlabelled'} ({(labels == name).sum()})") for name in names]
+                          label=f"{name.replace('_', ' ') or 'unlabelled'} ({(labels == name).sum()})")
+                   for name in names]
         ax.legend(handles=handles, title="family (galaxies)", loc="best", framealpha=0.9)
     ax.set_title(title or f"t-SNE of the latent means $g_\\mu(x)$ of {n} held-out galaxies "
                           f"({len(shown)} drawn as thumbnails, each with its own asinh stretch)", fontsize=11)
@@ -542,6 +553,8 @@ def plot_differences(per_image: dict, baselines=BASELINE_NAMES, summary: dict | 
 
 def _difference_panel(ax, diff: np.ndarray, win_below_zero: bool, wins, interval, xlabel: str,
                       title: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     wins = np.asarray(wins).astype(bool)
     finite = np.isfinite(diff)
     values = diff[finite]
@@ -562,6 +575,7 @@ def _difference_panel(ax, diff: np.ndarray, win_below_zero: bool, wins, interval
                                linewidth=0.3)
     ax.set_xlim(-top, top)
     ax.set_ylim(0, 1.18 * max(counts.max(), 1))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.axvspan(-top if win_below_zero else 0, 0 if win_below_zero else top, color="tab:green", alpha=0.12)
     ax.axvline(0, color="black", linewidth=1.2)
     x, align = (0.02, "left") if win_below_zero else (0.98, "right")
