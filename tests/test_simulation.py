@@ -203,3 +203,5 @@ def test_simulate_command_writes_a_data_set_and_will_not_overwrite_it(tmp_path, 
     assert main(args[:-2] + ["--workers", "1", "--overwrite", "--seed", "3"]) == 0
     assert read_dataset(out).attrs["seed"] == 3
     assert main(["simulate", "--n", "5", "--held-out", "5", "--out", str(tmp_path / "x.h5")]) == 2
+    assert main(["simulate", "--n", "10", "--out", str(tmp_path / "small.h5"), "--workers", "1"]) == 0
+    assert read_dataset(tmp_path / "small.h5").held_out.sum() == 2  # a fifth of a small survey

@@ -69,7 +69,9 @@ def _overwrite_flag(p: argparse.ArgumentParser) -> None:
 def add_simulate(commands) -> None:
     p = commands.add_parser("simulate", help="simulate a survey of SDSS-like galaxy stamps with GalSim")
     p.add_argument("--n", type=int, default=44_444, help="stamps in all (default 44,444 as in the paper)")
-    p.add_argument("--held-out", type=int, default=1000, help="how many of them to hold out (default 1,000)")
+    p.add_argument("--held-out", type=int, default=None,
+                   help="how many of them to hold out (default 1,000 as in the paper, or a fifth of the stamps "
+                        "if fewer than 5,000)")
     p.add_argument("--out", type=Path, required=True, help="output data set (.h5)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")

@@ -112,6 +112,7 @@ def _cos_i(params: dict) -> float:
 # --- grand-design spiral (M51) ---------------------------------------------------------------
 
 def draw_grand_design(rng, base):
+    """Parameters of an M51-like spiral: bulge, inclined disk, 2-3 logarithmic arms, knots, arm dust."""
     p = _inclined(rng, (0.35, 1.0))
     p.update(
         bulge_fraction=_r(rng.uniform(0.05, 0.3)), bulge_n=_sersic_n(rng, 1.5, 4.0),
@@ -129,12 +130,14 @@ def draw_grand_design(rng, base):
 
 
 def _arm_modulation(radius, phi, p, r_disk):
+    """Spiral phase and arm amplitude (zero inside the bulge) on disk-plane coordinates."""
     phase = geo.spiral_phase(radius, phi, p["arms"], p["pitch_deg"], p["arm_phase_rad"], r_disk, p["chirality"])
     amplitude = p["arm_contrast"] * geo.inner_taper(radius, p["arm_inner_radius_ratio"] * r_disk)
     return phase, amplitude
 
 
 def render_grand_design(p):
+    """Bulge + disk x arm modulation + knots on the arms, under dust lanes on the arms' inner edges."""
     x0, y0, pa, r_disk, flux = p["x_arcsec"], p["y_arcsec"], p["position_angle_deg"], p["half_light_radius_arcsec"], p["flux_nmgy"]
     cos_i = _cos_i(p)
     bulge = canvas.to_real(canvas.draw_k(sersic(p["bulge_n"], p["bulge_radius_arcsec"], flux * p["bulge_fraction"],
@@ -171,6 +174,7 @@ def _arm_knots(p, r_disk, knot_flux, cos_i, acceptance_power):
 # --- dusty elliptical (NGC 4753) -------------------------------------------------------------
 
 def draw_dusty_elliptical(rng, base):
+    """Parameters of an NGC 4753-like elliptical: twisted two-component Sersic body, dust filaments in 75 %."""
     p = {"sersic_n": _sersic_n(rng, 2.0, 4.5), "axis_ratio": _r(rng.uniform(0.55, 1.0)),
          "inner_fraction": _r(rng.uniform(0.25, 0.55)), "inner_n": _sersic_n(rng, 1.5, 4.0),
          "inner_radius_ratio": _r(rng.uniform(0.25, 0.5)), "inner_axis_ratio": _r(rng.uniform(0.45, 1.0)),
@@ -207,6 +211,7 @@ def filament_optical_depth(radius, ln_radius, phi, filament: dict, r50: float, c
 
 
 def render_dusty_elliptical(p):
+    """Two Sersic components; dust filaments in an inclined plane obscure the light behind them."""
     x0, y0, pa, r50, flux = p["x_arcsec"], p["y_arcsec"], p["position_angle_deg"], p["half_light_radius_arcsec"], p["flux_nmgy"]
     outer = sersic(p["sersic_n"], r50, flux * (1 - p["inner_fraction"]), p["axis_ratio"], pa)
     inner = sersic(p["inner_n"], r50 * p["inner_radius_ratio"], flux * p["inner_fraction"], p["inner_axis_ratio"],
@@ -233,6 +238,7 @@ def _clumps(seed: int, strength: float, correlation_arcsec: float) -> np.ndarray
 # --- distorted spiral (NGC 60) ---------------------------------------------------------------
 
 def draw_distorted_spiral(rng, base):
+    """Parameters of an NGC 60-like spiral: lopsided, off-centre disk with irregular, broken arms and a tail."""
     p = _inclined(rng, (0.35, 1.0))
     n_arms = int(rng.choice([1, 2, 2, 3]))
     p.update(
@@ -270,6 +276,7 @@ def _distorted_arms(radius, phi, p, r_disk):
 
 
 def render_distorted_spiral(p):
+    """Small bulge + lopsided disk x irregular arms, a tidal tail, scattered knots and weak arm dust."""
     x0, y0, pa, r_disk, flux = p["x_arcsec"], p["y_arcsec"], p["position_angle_deg"], p["half_light_radius_arcsec"], p["flux_nmgy"]
     cos_i = _cos_i(p)
     shift = p["disk_offset_ratio"] * r_disk
@@ -304,6 +311,7 @@ def _tidal_tail(radius, phi, p, r_disk, tail_flux):
 
 
 def _distorted_knots(p, r_disk, knot_flux, cos_i, xd, yd):
+    """Knots loosely following the irregular arms, within 2.2 r50 of the disk centre."""
     import galsim
 
     rng = np.random.default_rng(p["knot_flux_rng_seed"])
@@ -321,6 +329,7 @@ def _distorted_knots(p, r_disk, knot_flux, cos_i, xd, yd):
 # --- edge-on disk with a dust lane (NGC 1032) ------------------------------------------------
 
 def draw_edge_on(rng, base):
+    """Parameters of an NGC 1032-like edge-on disk: thick inclined disk, flattened bulge, mid-plane dust lane."""
     inclination = rng.uniform(82, 90)
     return {
         "inclination_deg": _r(inclination, 3),
@@ -338,6 +347,7 @@ def draw_edge_on(rng, base):
 
 
 def render_edge_on(p):
+    """GalSim InclinedExponential disk + bulge under a patchy dust lane along the (offset) mid-plane."""
     x0, y0, pa, r50, flux = p["x_arcsec"], p["y_arcsec"], p["position_angle_deg"], p["half_light_radius_arcsec"], p["flux_nmgy"]
     disk = inclined_disk(r50, flux * (1 - p["bulge_fraction"]), p["inclination_deg"], p["scale_height_ratio"], pa)
     bulge = sersic(p["bulge_n"], p["bulge_radius_arcsec"], flux * p["bulge_fraction"], p["bulge_axis_ratio"], pa)
@@ -353,6 +363,7 @@ def render_edge_on(p):
 # --- irregular, clumpy -----------------------------------------------------------------------
 
 def draw_irregular(rng, base):
+    """Parameters of an irregular galaxy: a lopsided, patchy low-concentration body and bright clumps."""
     return {
         "sersic_n": _sersic_n(rng, 0.5, 1.2), "axis_ratio": _r(rng.uniform(0.4, 0.95)),
         "clump_fraction": _r(rng.uniform(0.2, 0.45)), "clumps": int(rng.integers(10, 40)),
@@ -366,6 +377,7 @@ def draw_irregular(rng, base):
 
 
 def render_irregular(p):
+    """Patchy lopsided Sersic body + Gaussian clumps at RandomKnots positions."""
     x0, y0, pa, r50, flux = p["x_arcsec"], p["y_arcsec"], p["position_angle_deg"], p["half_light_radius_arcsec"], p["flux_nmgy"]
     q = p["axis_ratio"]
     body = canvas.to_real(canvas.draw_k(sersic(p["sersic_n"], r50, flux * (1 - p["clump_fraction"]), q, pa), x0, y0))
@@ -383,6 +395,7 @@ def render_irregular(p):
 # --- Sombrero: bulge-dominated, disk with a dust lane ----------------------------------------
 
 def draw_sombrero(rng, base):
+    """Parameters of a Sombrero-like galaxy: dominant bulge, inclined ring-like disk, dust ring."""
     inclination = rng.uniform(70, 85)
     return {
         "inclination_deg": _r(inclination, 3),
@@ -398,6 +411,7 @@ def draw_sombrero(rng, base):
 
 
 def render_sombrero(p):
+    """Bulge + disk with a central hole; a dust ring darkens the bulge on the near side."""
     x0, y0, pa, r50, flux = p["x_arcsec"], p["y_arcsec"], p["position_angle_deg"], p["half_light_radius_arcsec"], p["flux_nmgy"]
     disk_flux = flux * (1 - p["bulge_fraction"])
     hole = p["disk_hole_ratio"]
@@ -421,15 +435,18 @@ def render_sombrero(p):
 # --- idealised: smooth elliptical and lenticular ---------------------------------------------
 
 def draw_smooth_elliptical(rng, base):
+    """Parameters of an idealised elliptical: one Sersic profile."""
     return {"sersic_n": _sersic_n(rng, 2.5, 6.0), "axis_ratio": _r(rng.uniform(0.45, 1.0))}
 
 
 def render_smooth_elliptical(p):
+    """One Sersic profile, drawn by GalSim in Fourier space."""
     return canvas.draw_k(sersic(p["sersic_n"], p["half_light_radius_arcsec"], p["flux_nmgy"], p["axis_ratio"],
                                 p["position_angle_deg"]), p["x_arcsec"], p["y_arcsec"])
 
 
 def draw_lenticular(rng, base):
+    """Parameters of an idealised lenticular: Sersic bulge + thick exponential disk."""
     p = _inclined(rng, (0.08, 1.0), THICK_DISK_THICKNESS)
     p.update(bulge_fraction=_r(rng.uniform(0.3, 0.7)), bulge_n=_sersic_n(rng, 2.0, 4.5),
              bulge_radius_arcsec=_r(base["half_light_radius_arcsec"] * rng.uniform(0.2, 0.5)),
@@ -438,6 +455,7 @@ def draw_lenticular(rng, base):
 
 
 def render_lenticular(p):
+    """Bulge + disk, drawn by GalSim in Fourier space."""
     pa, flux = p["position_angle_deg"], p["flux_nmgy"]
     bulge = sersic(p["bulge_n"], p["bulge_radius_arcsec"], flux * p["bulge_fraction"], p["bulge_axis_ratio"], pa)
     disk = exponential(p["half_light_radius_arcsec"], flux * (1 - p["bulge_fraction"]), p["axis_ratio"], pa)

@@ -125,6 +125,15 @@ def metadata_columns(records: list[dict]) -> dict[str, np.ndarray]:
     return columns
 
 
+SMALL_SURVEY = 5000
+"""Below this many stamps the default held-out split is a fifth of them instead of 1,000."""
+
+
+def default_held_out(n_images: int) -> int:
+    """Stamps held out by default: 1,000 as in the paper, or a fifth of them when there are fewer than 5,000."""
+    return DEFAULT_HELD_OUT if n_images >= SMALL_SURVEY else n_images // 5
+
+
 def _check_arguments(n_images: int, n_held_out: int, seed: int, workers: int | None) -> None:
     if n_images < 2:
         raise InputError(f"n_images (--n) must be at least 2, got {n_images}")
@@ -137,13 +146,14 @@ def _check_arguments(n_images: int, n_held_out: int, seed: int, workers: int | N
         raise InputError(f"workers (--workers) must be at least 1, got {workers}")
 
 
-def simulate_survey(out, n_images: int = DEFAULT_N_IMAGES, n_held_out: int = DEFAULT_HELD_OUT, seed: int = 0,
+def simulate_survey(out, n_images: int = DEFAULT_N_IMAGES, n_held_out: int | None = DEFAULT_HELD_OUT, seed: int = 0,
                     workers: int | None = None, overwrite: bool = False, progress: bool = True) -> Path:
     """Simulate a survey of SDSS-like r-band galaxy stamps and write it as a galaxyvae data set.
 
     out:        output .h5 path; an existing file is replaced only with ``overwrite=True``
     n_images:   stamps in all (default 44,444: the paper's 43,444 training + 1,000 held-out images)
-    n_held_out: how many of them form the held-out split (chosen at random with ``seed``)
+    n_held_out: how many of them form the held-out split (chosen at random with ``seed``);
+                None for ``default_held_out(n_images)``
     seed:       the same seed gives the same images whatever the number of ``workers``
     workers:    processes (default: all usable cores)
     progress:   show a progress bar on stderr
@@ -151,6 +161,7 @@ def simulate_survey(out, n_images: int = DEFAULT_N_IMAGES, n_held_out: int = DEF
     Images are (n_images, 69, 69) float32, sky-subtracted, in nanomaggies at 0.396"/pixel;
     metadata holds each stamp's family and parameters (see docs/simulation.md). Returns the path.
     """
+    n_held_out = default_held_out(n_images) if n_held_out is None else n_held_out
     _check_arguments(n_images, n_held_out, seed, workers)
     out = check_writable(out, overwrite)
     workers = default_workers() if workers is None else workers
