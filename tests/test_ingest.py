@@ -18,7 +18,8 @@ from galaxyvae.cli import main
 from galaxyvae.dataset import read_dataset
 from galaxyvae.errors import InputError, OutputExistsError
 from galaxyvae.imaging import LUMINANCE_WEIGHTS
-from galaxyvae.ingest import default_held_out, ingest
+from galaxyvae.dataset import default_held_out
+from galaxyvae.ingest import ingest
 from galaxyvae.ingest.sources import GALAXY10_DECALS_CLASSES, GALAXY10_SDSS_CLASSES
 
 HDF_STAMPS_KEPT = 106

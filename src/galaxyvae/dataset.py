@@ -37,6 +37,8 @@ FORMAT_NAME = "galaxyvae-dataset"
 FORMAT_VERSION = 1
 DEFAULT_HELD_OUT = 1000
 """Held-out images by default, as in the paper."""
+SMALL_DATASET = 5000
+"""Below this many images the default held-out split is a fifth of them instead of 1,000."""
 
 REQUIRED_ATTRS = ("source", "pixel_units", "pixel_scale_arcsec", "sky_subtracted")
 """Attributes a writer must supply: where the pixels came from, their units, their
@@ -101,6 +103,11 @@ class GalaxyDataset:
     def provenance(self) -> dict:
         """The free-form provenance record (inputs, parameters) stored with the file."""
         return json.loads(self.attrs.get("provenance", "{}"))
+
+
+def default_held_out(n_images: int) -> int:
+    """Images held out by default: 1,000 as in the paper, or a fifth of them when there are fewer than 5,000."""
+    return DEFAULT_HELD_OUT if n_images >= SMALL_DATASET else n_images // 5
 
 
 def choose_held_out(n_images: int, n_held_out: int, seed: int) -> np.ndarray:

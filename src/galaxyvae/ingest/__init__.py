@@ -12,7 +12,7 @@ with ``strict=True``); the result is written atomically by ``galaxyvae.dataset.w
 - :mod:`galaxyvae.ingest.labels`   Galaxy Zoo vote fractions
 """
 
-from galaxyvae.ingest.core import IngestReport, default_held_out, ingest
+from galaxyvae.ingest.core import IngestReport, ingest
 from galaxyvae.ingest.detect import DetectionConfig
 
-__all__ = ["ingest", "IngestReport", "DetectionConfig", "default_held_out"]
+__all__ = ["ingest", "IngestReport", "DetectionConfig"]

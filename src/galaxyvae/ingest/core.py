@@ -12,7 +12,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from galaxyvae._io import check_writable
-from galaxyvae.dataset import DEFAULT_HELD_OUT, choose_held_out, write_dataset
+from galaxyvae.dataset import choose_held_out, default_held_out, write_dataset
 from galaxyvae.errors import InputError
 from galaxyvae.imaging import parse_band
 from galaxyvae.ingest.detect import DetectionConfig, config_record
@@ -24,8 +24,6 @@ from galaxyvae.provenance import library_versions
 
 log = logging.getLogger("galaxyvae.ingest")
 
-SMALL_DATASET = 5 * DEFAULT_HELD_OUT
-"""Below this many images the default held-out split is a fifth of them instead of 1,000."""
 
 SKIPS_RECORDED = 1000
 """Most skipped inputs listed in the provenance record (all are counted)."""
@@ -33,10 +31,6 @@ SKIPS_RECORDED = 1000
 RESAMPLING_RULE = ("shrink: area averaging (exact block mean for integer factors, area-overlap weights "
                    "otherwise); enlarge: linear interpolation between pixel centres (flagged upsampled)")
 
-
-def default_held_out(n_images: int) -> int:
-    """Images held out by default: 1,000 as in the paper, or a fifth of them when there are fewer than 5,000."""
-    return DEFAULT_HELD_OUT if n_images >= SMALL_DATASET else n_images // 5
 
 
 @dataclass

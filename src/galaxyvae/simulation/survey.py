@@ -19,7 +19,7 @@ import numpy as np
 
 from galaxyvae import STAMP_SIZE, __version__
 from galaxyvae._io import check_writable
-from galaxyvae.dataset import DEFAULT_HELD_OUT, choose_held_out, write_dataset
+from galaxyvae.dataset import DEFAULT_HELD_OUT, choose_held_out, default_held_out, write_dataset
 from galaxyvae.errors import InputError
 from galaxyvae.simulation.families import FAMILIES
 from galaxyvae.simulation.observing import PIXEL_SCALE, survey_attrs
@@ -124,14 +124,6 @@ def metadata_columns(records: list[dict]) -> dict[str, np.ndarray]:
         columns[name] = np.array(values, dtype=object) if isinstance(values[0], str) else np.array(values)
     return columns
 
-
-SMALL_SURVEY = 5000
-"""Below this many stamps the default held-out split is a fifth of them instead of 1,000."""
-
-
-def default_held_out(n_images: int) -> int:
-    """Stamps held out by default: 1,000 as in the paper, or a fifth of them when there are fewer than 5,000."""
-    return DEFAULT_HELD_OUT if n_images >= SMALL_SURVEY else n_images // 5
 
 
 def _check_arguments(n_images: int, n_held_out: int, seed: int, workers: int | None) -> None:
