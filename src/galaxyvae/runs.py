@@ -130,6 +130,22 @@ def model_from_checkpoint(record: dict[str, Any], path: Path | str = "checkpoint
     return model.eval()
 
 
+def read_run_config(paths: RunPaths) -> tuple[TrainConfig, Path | None]:
+    """The TrainConfig in config.json and the data set it names (None if it names none).
+
+    Raises InputError if config.json is missing or not a galaxyvae training config.
+    """
+    if not paths.config.is_file():
+        raise InputError(f"{paths.run_dir}: not a run directory (no config.json)")
+    try:
+        stored = json.loads(paths.config.read_text(encoding="utf-8"))
+        data = stored.pop("data", None)
+        stored.pop("init", None)
+        return TrainConfig.from_dict(stored), Path(data) if data else None
+    except (TypeError, ValueError, AttributeError) as err:
+        raise InputError(f"{paths.config}: not a galaxyvae training config ({err})") from None
+
+
 # --- the log ------------------------------------------------------------------------------------------
 
 def write_log(path: Path, rows: list[dict[str, float]]) -> None:
@@ -164,15 +180,7 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None, chec
     paths = RunPaths(Path(run_dir))
     if not paths.run_dir.is_dir():
         raise InputError(f"{paths.run_dir}: no such run directory")
-    if not paths.config.is_file():
-        raise InputError(f"{paths.run_dir}: not a run directory (no config.json)")
-    stored = json.loads(paths.config.read_text(encoding="utf-8"))
-    data_path = Path(stored.pop("data", "")) if stored.get("data") else None
-    stored.pop("init", None)
-    try:
-        config = TrainConfig.from_dict(stored)
-    except (TypeError, ValueError) as err:
-        raise InputError(f"{paths.config}: not a galaxyvae training config ({err})") from None
+    config, data_path = read_run_config(paths)
     checkpoint_path = paths.checkpoint(checkpoint)
     record = load_checkpoint(checkpoint_path)
     model = model_from_checkpoint(record, checkpoint_path)
@@ -222,13 +230,17 @@ class TrainedModel:
             raise InputError("z: holds NaN or infinite values")
         return z
 
-    def _batches(self, arrays: tuple[np.ndarray, ...], function: Callable[..., tuple[torch.Tensor, ...]]):
-        """Apply ``function`` to batches of tensors on the device; concatenate its outputs as numpy."""
+    def _batches(self, arrays: tuple[np.ndarray, ...], function: Callable[..., tuple[torch.Tensor, ...]],
+                 draws: int = 1):
+        """Apply ``function`` to batches of tensors on the device; concatenate its outputs as numpy.
+        With ``draws`` latent draws per image, batches shrink so that each decodes at most
+        INFERENCE_BATCH latents at once."""
         n = len(arrays[0])
+        size = max(1, INFERENCE_BATCH // draws)
         outputs: list[list[np.ndarray]] = []
         with torch.inference_mode():
-            for start in range(0, n, INFERENCE_BATCH):
-                batch = [torch.from_numpy(np.ascontiguousarray(a[start:start + INFERENCE_BATCH])).to(self.device)
+            for start in range(0, n, size):
+                batch = [torch.from_numpy(np.ascontiguousarray(a[start:start + size])).to(self.device)
                          for a in arrays]
                 result = function(*batch)
                 result = result if isinstance(result, tuple) else (result,)
@@ -309,7 +321,7 @@ class TrainedModel:
         def run(x, eps):
             return -self.model.negative_elbo(self.model.scale(x), eps.transpose(0, 1)).double() + jacobian
 
-        return self._batches((images, noise), run) if len(images) else np.empty(0)
+        return self._batches((images, noise), run, draws=mc_samples) if len(images) else np.empty(0)
 
     def importance_log_likelihood(self, images, k: int = 64, seed: int = 0) -> np.ndarray:
         """Importance-weighted estimate of log p(x) per image (N,), nats, data units.

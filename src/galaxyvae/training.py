@@ -23,7 +23,7 @@ of a single process seeing the whole batch. Only rank 0 writes.
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
 import math
 import os
@@ -43,7 +43,7 @@ from galaxyvae.errors import InputError, OutputExistsError
 from galaxyvae.model import SCALING_SAMPLE, GalaxyVAE, PixelScaling
 from galaxyvae.provenance import library_versions
 from galaxyvae.runs import (
-    RunPaths, load_checkpoint, model_from_checkpoint, save_checkpoint, write_log,
+    RunPaths, load_checkpoint, model_from_checkpoint, read_run_config, save_checkpoint, write_log,
 )
 
 log = logging.getLogger("galaxyvae.training")
@@ -219,8 +219,6 @@ def data_record(dataset: GalaxyDataset, scaling: PixelScaling) -> dict[str, Any]
 
 
 def _check_same_data(paths: RunPaths, dataset: GalaxyDataset) -> None:
-    import json
-
     if not paths.data.is_file():
         return
     recorded = json.loads(paths.data.read_text(encoding="utf-8"))
@@ -231,18 +229,6 @@ def _check_same_data(paths: RunPaths, dataset: GalaxyDataset) -> None:
     if now != before:
         raise InputError(f"{dataset.path}: not the data set the run in {paths.run_dir} was trained on "
                          f"({recorded.get('path')}); resume with that data set")
-
-
-def _stored_config(paths: RunPaths) -> TrainConfig:
-    import json
-
-    stored = json.loads(paths.config.read_text(encoding="utf-8"))
-    stored.pop("data", None)
-    stored.pop("init", None)
-    try:
-        return TrainConfig.from_dict(stored)
-    except (TypeError, ValueError) as err:
-        raise InputError(f"{paths.config}: not a galaxyvae training config ({err})") from None
 
 
 # --- the trainer ----------------------------------------------------------------------------------
@@ -313,7 +299,7 @@ class Trainer:
             return config
         if not self.paths.config.is_file():
             raise InputError(f"{run_dir}: nothing to resume (no config.json; is it a run directory?)")
-        stored = _stored_config(self.paths)
+        stored, _ = read_run_config(self.paths)
         ignored = [f for f in stored.to_dict() if f not in EXECUTION_SETTINGS
                    and getattr(stored, f) != getattr(config, f) and getattr(config, f) != getattr(TrainConfig(), f)]
         if ignored:
