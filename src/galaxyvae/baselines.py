@@ -257,7 +257,8 @@ def _numpy_shares(x) -> bool:
 
 def _numpy_inplace(function, x):
     array = x.numpy()
-    function(array, out=array)
+    with np.errstate(divide="ignore", over="ignore", under="ignore", invalid="ignore"):
+        function(array, out=array)
     return x
 
 
@@ -386,6 +387,30 @@ def _polynomials(shape):
     return c
 
 
+def _second_polynomials(shape):
+    """Coefficients c[n, k, l, b, a] of d2q/d(shape_k)d(shape_l) = sum_ab c dy^b dx^a: (n, 5, 5, 3, 3)."""
+    e1, l2, e3 = torch.exp(shape[:, 2]), shape[:, 3], torch.exp(shape[:, 4])
+    c = shape.new_zeros(len(shape), _SHAPE_PARAMETERS, _SHAPE_PARAMETERS, 3, 3)
+    entries = {  # (k, l): [(b, a, coefficient)], k <= l over x0, y0, l1, l2, l3
+        (0, 0): [(0, 0, 2 * e1 * e1)],
+        (0, 1): [(0, 0, 2 * e1 * l2)],
+        (0, 2): [(0, 1, -4 * e1 * e1), (1, 0, -2 * e1 * l2)],
+        (0, 3): [(1, 0, -2 * e1)],
+        (1, 1): [(0, 0, 2 * (l2 * l2 + e3 * e3))],
+        (1, 2): [(0, 1, -2 * e1 * l2)],
+        (1, 3): [(0, 1, -2 * e1), (1, 0, -4 * l2)],
+        (1, 4): [(1, 0, -4 * e3 * e3)],
+        (2, 2): [(0, 2, 4 * e1 * e1), (1, 1, 2 * e1 * l2)],
+        (2, 3): [(1, 1, 2 * e1)],
+        (3, 3): [(2, 0, torch.full_like(e1, 2.0))],
+        (4, 4): [(2, 0, 4 * e3 * e3)],
+    }
+    for (k, l), terms in entries.items():
+        for b, a, value in terms:
+            c[:, k, l, b, a] = c[:, l, k, b, a] = value
+    return c
+
+
 def _powers(d, order: int):
     """(n, L) -> (n, L, order + 1): d^0 ... d^order."""
     out = [torch.ones_like(d), d]
@@ -436,38 +461,60 @@ class _Data:
 
 
 class _Workspace:
-    """Image-sized scratch buffers, allocated once per solve: fresh large tensors cost page faults."""
+    """Image-sized scratch buffers, allocated once per solve: fresh large tensors cost page faults.
+
+    ``weights`` holds the images whose moments make the normal equations: base^2, base y and
+    then base h (non-Gaussian), base (sky), base dh/dextra, where dh/dq = scale * base.
+    """
 
     def __init__(self, like: torch.Tensor, profile, settings: _Settings):
-        self.h, self.residual, self.temp = (torch.empty_like(like) for _ in range(3))
+        self.h, self.temp = torch.empty_like(like), torch.empty_like(like)
         self.profile = [torch.empty_like(like) for _ in range(profile.n_buffers)]
         n_weights = 2 + (profile.n_extra > 0) + settings.fit_sky + profile.n_extra
         self.weights = like.new_empty(len(like), n_weights, *like.shape[1:])
 
     def views(self, m: int):
-        return (self.h[:m], self.residual[:m], self.temp[:m], [b[:m] for b in self.profile], self.weights[:m])
+        return self.h[:m], self.temp[:m], [b[:m] for b in self.profile], self.weights[:m]
 
 
-def _solve_linear(h, data, fit_sky: bool, squares, temp):
-    """Amplitude and sky minimising sum (y - A h - s)^2 for a fixed profile h.
+@dataclass
+class _Evaluation:
+    """One evaluation of n images at theta: what the cost and normal equations are made of.
 
-    Writes h^2 into ``squares`` (may be ``temp``). Returns amplitude, sky (zero unless fitted),
-    sum h^2 and sum h (None unless fitted), each (n,).
+    h (amplitude column) and its sums with itself, the data and 1; amplitude and sky (zero
+    unless fitted); dh/dq (a tensor, or a number c meaning c * h); dh/dextra (list); the
+    scratch buffers; the shape part of theta and the pixel offsets dx, dy.
     """
-    shh = torch.mul(h, h, out=squares).sum((1, 2))
-    shy = _product_sum(h, data.y, temp)
-    if not fit_sky:
-        amplitude = torch.where(shh > 0, shy / shh.clamp_min(1e-300), torch.zeros_like(shh))
-        return amplitude, torch.zeros_like(shh), shh, None
-    m = h.shape[1] * h.shape[2]
-    sh = h.sum((1, 2))
+
+    h: torch.Tensor
+    h_squared_sum: torch.Tensor
+    h_data_sum: torch.Tensor
+    h_sum: torch.Tensor | None
+    amplitude: torch.Tensor
+    sky: torch.Tensor
+    dh_dq: torch.Tensor | float
+    dh_dextra: list
+    temp: torch.Tensor
+    weights: torch.Tensor
+    shape: torch.Tensor
+    dx: torch.Tensor
+    dy: torch.Tensor
+
+
+def _solve_linear(shh, shy, sh, y_sum, m: int):
+    """Amplitude and sky minimising sum (y - A h - s)^2 from the sums of h^2, h y, h and y.
+
+    sh is None when no sky is fitted (sky = 0). Returns amplitude, sky: (n,) each.
+    """
+    if sh is None:
+        return torch.where(shh > 0, shy / shh.clamp_min(1e-300), torch.zeros_like(shh)), torch.zeros_like(shh)
     det = shh * m - sh * sh
     # A profile that is numerically flat cannot be told apart from the sky: fit the sky alone.
     solvable = det > 1e-12 * shh * m
     safe = torch.where(solvable, det, torch.ones_like(det))
-    amplitude = torch.where(solvable, (shy * m - sh * data.y_sum) / safe, torch.zeros_like(det))
-    sky = torch.where(solvable, (shh * data.y_sum - sh * shy) / safe, data.y_sum / m)
-    return amplitude, sky, shh, sh
+    amplitude = torch.where(solvable, (shy * m - sh * y_sum) / safe, torch.zeros_like(det))
+    sky = torch.where(solvable, (shh * y_sum - sh * shy) / safe, y_sum / m)
+    return amplitude, sky
 
 
 def _evaluate(theta, data, grid, profile, settings, work, derivatives: bool = True):
@@ -476,100 +523,116 @@ def _evaluate(theta, data, grid, profile, settings, work, derivatives: bool = Tr
     theta: (n, P); data: the same n images. Returns theta with its linear entries replaced,
     cost (n,) = sum of squared residuals, and an _Evaluation from which ``_normal_equations``
     forms J^T J and J^T r (valid until ``work`` is used again).
+
+    The cost is expanded in sums of h^2, h y, h, y and y^2, so no residual image is formed;
+    where it is not small against sum y^2 the expansion loses nothing, and where it is (exact
+    or noiseless fits) the residual is formed to keep the cost exact.
     """
-    h, residual, temp, buffers, weights = work.views(len(theta))
+    h, temp, buffers, weights = work.views(len(theta))
     shape = theta[:, _shape_slice(settings)]
     extra = theta[:, _shape_slice(settings).stop:]
     dx, dy = _offsets(grid, shape[:, 0], shape[:, 1])
     h, dh_dq, dh_dextra = profile.evaluate(shape, dx, dy, extra, derivatives, h, buffers)
-    # For the Gaussian, h^2 is also the weight of the fourth-order moments: keep it there.
-    squares = weights[:, 0] if isinstance(dh_dq, float) else temp
-    amplitude, sky, shh, sh = _solve_linear(h, data, settings.fit_sky, squares, temp)
-    torch.addcmul(data.y, h, -amplitude[:, None, None], out=residual)
+    # For the Gaussian, h^2 and h y are the weights of the moments of the normal equations.
+    gaussian = isinstance(dh_dq, float)
+    shh = torch.mul(h, h, out=weights[:, 0] if gaussian else temp).sum((1, 2))
+    shy = torch.mul(h, data.y, out=weights[:, 1] if gaussian else temp).sum((1, 2))
+    sh = h.sum((1, 2)) if settings.fit_sky else None
+    m = h.shape[1] * h.shape[2]
+    amplitude, sky = _solve_linear(shh, shy, sh, data.y_sum, m)
+    cost = data.y_squares - 2 * amplitude * shy + amplitude ** 2 * shh
     if settings.fit_sky:
-        residual.sub_(sky[:, None, None])
-    cost = _squares_sum(residual)
+        cost += sky * (m * sky - 2 * data.y_sum + 2 * amplitude * sh)
+    near_exact = cost < 1e-5 * data.y_squares
+    if bool(near_exact.any()):
+        residual = torch.addcmul(data.y, h, -amplitude[:, None, None], out=temp)
+        cost = torch.where(near_exact, _squares_sum(residual.sub_(sky[:, None, None])), cost)
     theta = theta.clone()
     theta[:, 0] = amplitude
     if settings.fit_sky:
         theta[:, 1] = sky
-    return theta, cost, _Evaluation(h, shh, sh, dh_dq, dh_dextra, residual, temp, weights, amplitude, shape, dx, dy)
+    evaluation = _Evaluation(h, shh, shy, sh, amplitude, sky, dh_dq, dh_dextra, temp, weights, shape, dx, dy)
+    return theta, cost.clamp_min(0.0), evaluation
 
 
-@dataclass
-class _Evaluation:
-    """What the normal equations are made of, for n images, at one theta.
-
-    h (amplitude column) with sum h^2 and sum h (None without sky); dh/dq (tensor, or number c
-    meaning c * h); dh/dextra (list); residual; scratch temp and moment weights; amplitude;
-    shape part of theta; pixel offsets dx, dy.
-    """
-
-    h: torch.Tensor
-    h_squared_sum: torch.Tensor
-    h_sum: torch.Tensor | None
-    dh_dq: torch.Tensor | float
-    dh_dextra: list
-    residual: torch.Tensor
-    temp: torch.Tensor
-    weights: torch.Tensor
-    amplitude: torch.Tensor
-    shape: torch.Tensor
-    dx: torch.Tensor
-    dy: torch.Tensor
-
-
-def _normal_equations(e: _Evaluation, settings):
+def _normal_equations(e: _Evaluation, data: _Data, settings: _Settings):
     """J^T J (n, P, P) and J^T r (n, P), without forming the (n, P, H*W) Jacobian J.
 
     Columns of J: h (amplitude), 1 (sky), A dh/dq p_k (centre and shape; p_k = dq/dtheta_k is
     a quadratic polynomial in dx, dy) and A dh/dextra. Every pixel sum that involves p_k is a
     moment of a dh/dq-weighted image, taken separably along columns then rows, so an iteration
-    costs a few passes over the images whatever the number of parameters.
+    costs a few passes over the images whatever the number of parameters. Sums with the
+    residual r = y - A h - s are expanded into sums with y, h and 1.
     """
-    n, h, weights = len(e.residual), e.h, e.weights
-    extra = [column.mul_(e.amplitude[:, None, None]) for column in e.dh_dextra]
-    # dh/dq = scale * base. For the Gaussian base is h, whose square weights[:, 0] already holds.
+    n, h, weights = len(e.h), e.h, e.weights
+    a, s = e.amplitude, e.sky
+    extra = [column.mul_(a[:, None, None]) for column in e.dh_dextra]
     gaussian = isinstance(e.dh_dq, float)
     base, scale = (h, e.dh_dq) if gaussian else (e.dh_dq, 1.0)
-    plain = [h] + ([None] if settings.fit_sky else []) + extra     # None stands for the sky's 1
+    slots = {"h": 0} if gaussian else {"h": 2}
     if not gaussian:
         torch.mul(base, base, out=weights[:, 0])
-    torch.mul(base, e.residual, out=weights[:, 1])
-    slots = {}
-    for column in plain:
-        if gaussian and column is h:
-            continue
-        slots[id(column)] = slot = len(slots) + 2
-        if column is None:
-            weights[:, slot].copy_(base)
-        else:
-            torch.mul(base, column, out=weights[:, slot])
+        torch.mul(base, data.y, out=weights[:, 1])
+        torch.mul(base, h, out=weights[:, 2])
+    if settings.fit_sky:
+        slots["sky"] = 2 if gaussian else 3
+        weights[:, slots["sky"]].copy_(base)
+    for i, column in enumerate(extra):
+        slots[i] = weights.shape[1] - len(extra) + i
+        torch.mul(base, column, out=weights[:, slots[i]])
     moments = _moments(weights, e.dx, e.dy, 4)
+    second = {key: moments[:, slot, :3, :3].reshape(n, 9) * scale for key, slot in slots.items()}
+    curvature = _residual_curvature(moments, e, slots, settings) if gaussian else None
+    keys = ["h"] + (["sky"] if settings.fit_sky else []) + list(range(len(extra)))
+    base_residual = moments[:, 1, :3, :3].reshape(n, 9) * scale - a[:, None] * second["h"]
+    if settings.fit_sky:
+        base_residual -= s[:, None] * second["sky"]
 
-    def cross(column):
-        return moments[:, 0 if gaussian and column is h else slots[id(column)], :3, :3].reshape(n, 9) * scale
-
-    c = _polynomials(e.shape).reshape(n, _SHAPE_PARAMETERS, 9) * e.amplitude[:, None, None]
+    c = _polynomials(e.shape).reshape(n, _SHAPE_PARAMETERS, 9) * a[:, None, None]
     fourth = moments[:, 0].reshape(n, 25)[:, _PAIR_INDEX.to(c.device)] * scale ** 2
     shape_normal = c @ fourth @ c.transpose(1, 2)
-    shape_plain = c @ torch.stack([cross(column) for column in plain], 2)                 # (n, 5, b)
-    shape_gradient = (c @ (moments[:, 1, :3, :3].reshape(n, 9, 1) * scale))[..., 0]      # (n, 5)
-    h_residual = moments[:, 1, 0, 0] if gaussian else None
-    plain_normal, plain_gradient = _plain_sums(plain, e, h_residual)
+    shape_plain = c @ torch.stack([second[key] for key in keys], 2)                      # (n, 5, b)
+    shape_gradient = (c @ base_residual[..., None])[..., 0]                               # (n, 5)
+    plain_normal, plain_gradient = _plain_sums(e, data, extra, settings)
 
     p = torch.tensor(_plain_positions(settings), device=c.device)
-    s = torch.arange(_SHAPE_PARAMETERS, device=c.device) + _n_linear(settings)
+    q = torch.arange(_SHAPE_PARAMETERS, device=c.device) + _n_linear(settings)
     size = _n_parameters(settings)
     normal = c.new_zeros(n, size, size)
     gradient = c.new_zeros(n, size)
     normal[:, p[:, None], p[None, :]] = plain_normal
-    normal[:, s[:, None], s[None, :]] = shape_normal
-    normal[:, s[:, None], p[None, :]] = shape_plain
-    normal[:, p[:, None], s[None, :]] = shape_plain.transpose(1, 2)
+    normal[:, q[:, None], q[None, :]] = shape_normal
+    normal[:, q[:, None], p[None, :]] = shape_plain
+    normal[:, p[:, None], q[None, :]] = shape_plain.transpose(1, 2)
     gradient[:, p] = plain_gradient
-    gradient[:, s] = shape_gradient
-    return normal, gradient
+    gradient[:, q] = shape_gradient
+    return normal, curvature, gradient
+
+
+def _residual_curvature(moments, e: _Evaluation, slots: dict, settings: _Settings):
+    """S = sum over pixels of r * (second derivatives of the model), (n, P, P), for a profile
+    with dh/dq = c h (the Gaussian), so that J^T J - S is the exact Hessian of the cost / 2.
+
+    Without S, Gauss-Newton converges only linearly when the residuals are large, as they are
+    for a Gaussian fitted to a real galaxy; with it, Newton steps converge quadratically.
+    d2 model/dk dl = A (c^2 h q_k q_l + c h q_kl) for shape parameters, c h q_k for (A, k).
+    """
+    n, scale, a = len(e.h), e.dh_dq, e.amplitude
+    # Moments of r h = h y - A h^2 - s h, up to fourth order.
+    rh = moments[:, 1] - a[:, None, None] * moments[:, 0]
+    if settings.fit_sky:
+        rh = rh - e.sky[:, None, None] * moments[:, slots["sky"]]
+    first = _polynomials(e.shape).reshape(n, _SHAPE_PARAMETERS, 9)
+    rh_second = rh[:, :3, :3].reshape(n, 9)
+    pairs = first @ rh.reshape(n, 25)[:, _PAIR_INDEX.to(rh.device)] @ first.transpose(1, 2)
+    hessians = (_second_polynomials(e.shape).reshape(n, _SHAPE_PARAMETERS, _SHAPE_PARAMETERS, 9)
+                * rh_second[:, None, None, :]).sum(-1)
+    curvature = e.h.new_zeros(n, _n_parameters(settings), _n_parameters(settings))
+    q = torch.arange(_SHAPE_PARAMETERS, device=rh.device) + _n_linear(settings)
+    curvature[:, q[:, None], q[None, :]] = a[:, None, None] * (scale ** 2 * pairs + scale * hessians)
+    amplitude_shape = scale * (first @ rh_second[..., None])[..., 0]
+    curvature[:, 0, q] = curvature[:, q, 0] = amplitude_shape
+    return curvature
 
 
 def _plain_positions(settings: _Settings) -> list[int]:
@@ -577,35 +640,33 @@ def _plain_positions(settings: _Settings) -> list[int]:
     return list(range(_n_linear(settings))) + [_shape_slice(settings).stop + i for i in range(settings.n_extra)]
 
 
-def _plain_sums(plain, e: _Evaluation, h_residual):
-    """Pixel sums of products of the non-polynomial columns (None: the sky's 1), and with r."""
-    n, m = len(e.residual), e.residual.shape[1] * e.residual.shape[2]
-
-    def dot(first, second):
-        if first is e.h and second is e.h:
-            return e.h_squared_sum
-        if first is None and second is None:
-            return e.residual.new_full((n,), float(m))
-        if first is None or second is None:
-            other = second if first is None else first
-            return e.h_sum if other is e.h else other.sum((1, 2))
-        return _squares_sum(first) if first is second else _product_sum(first, second, e.temp)
-
-    def with_residual(column):
-        if column is None:
-            return e.residual.sum((1, 2))
-        if column is e.h and h_residual is not None:
-            return h_residual
-        return _product_sum(column, e.residual, e.temp)
-
-    size = len(plain)
-    normal = e.residual.new_empty(n, size, size)
-    for i in range(size):
-        for j in range(i, size):
-            normal[:, i, j] = normal[:, j, i] = dot(plain[i], plain[j])
-    return normal, torch.stack([with_residual(column) for column in plain], 1)
-
-
+def _plain_sums(e: _Evaluation, data: _Data, extra: list, settings: _Settings):
+    """Pixel sums of products of the non-polynomial columns h, 1 (sky), extra; and with r."""
+    n, m = len(e.h), e.h.shape[1] * e.h.shape[2]
+    a, s = e.amplitude, e.sky
+    # Each column as (sum with h, sum with 1, sum with y) plus its sum of squares.
+    rows = [(e.h_squared_sum, e.h_sum, e.h_data_sum)]
+    if settings.fit_sky:
+        rows.append((e.h_sum, e.h.new_full((n,), float(m)), data.y_sum))
+    for column in extra:
+        rows.append((_product_sum(column, e.h, e.temp), column.sum((1, 2)), _product_sum(column, data.y, e.temp)))
+    size = len(rows)
+    normal = e.h.new_empty(n, size, size)
+    normal[:, 0, 0] = e.h_squared_sum
+    if settings.fit_sky:
+        normal[:, 0, 1] = normal[:, 1, 0] = e.h_sum
+        normal[:, 1, 1] = m
+    for i, column in enumerate(extra):
+        k = size - len(extra) + i
+        normal[:, k, 0] = normal[:, 0, k] = rows[k][0]
+        if settings.fit_sky:
+            normal[:, k, 1] = normal[:, 1, k] = rows[k][1]
+        for j, other in enumerate(extra[:i + 1]):
+            l = size - len(extra) + j
+            normal[:, k, l] = normal[:, l, k] = _squares_sum(column) if other is column else _product_sum(column, other, e.temp)
+    # sum column * r = sum column y - A sum column h - s sum column
+    gradient = torch.stack([row[2] - a * row[0] - (s * row[1] if settings.fit_sky else 0.0) for row in rows], 1)
+    return normal, gradient
 # ---------------------------------------------------------------------------------------------
 # Bounds: shapes projected onto the allowed widths; centre and Sersic index kept in boxes
 
@@ -701,30 +762,38 @@ class _Solution:
                            for f in ("theta", "cost", "converged", "iterations", "model")))
 
 
-def _damped_step(normal, gradient, damping, frozen):
-    """Solve (J^T J + lambda D) step = J^T r for every image, D the floored diagonal of J^T J.
+def _damped_step(normal, curvature, gradient, damping, frozen):
+    """Solve (H + lambda D) step = J^T r for every image; D is the floored diagonal of J^T J.
 
-    damping: (n,) lambda. Frozen entries get a zero step. Returns (step (n, P), solved (n,)
-    bool); where the damped matrix is not numerically positive definite the step is zero and
-    solved is False.
+    H is the exact Hessian J^T J - S where curvature S is given and H + lambda D is positive
+    definite, else Gauss-Newton's J^T J. damping: (n,) lambda; frozen entries get a zero step.
+    Returns (step (n, P), the H used (n, P, P), solved (n,) bool); where no system can be
+    solved the step is zero and solved is False.
     """
     keep = (~frozen).to(normal.dtype)
-    normal = normal * keep[:, :, None] * keep[:, None, :]
-    gradient = gradient * keep
+    mask = keep[:, :, None] * keep[:, None, :]
+    normal, gradient = normal * mask, gradient * keep
     diagonal = torch.diagonal(normal, dim1=1, dim2=2)
     # Floored so that a parameter without leverage (the shape of a zero-amplitude profile)
     # still gets a finite, small step instead of a singular system.
     scale = torch.maximum(diagonal, 1e-12 * diagonal.amax(1, keepdim=True) + 1e-300)
-    scale = torch.where(frozen, torch.ones_like(scale), scale)
-    factor, info = torch.linalg.cholesky_ex(normal + torch.diag_embed(damping[:, None] * scale))
+    regulariser = torch.diag_embed(damping[:, None] * torch.where(frozen, torch.ones_like(scale), scale))
+    hessian = normal
+    if curvature is not None:
+        # Newton only where the exact Hessian is itself positive definite (near a minimum);
+        # elsewhere its damped steps head for saddles, and Gauss-Newton's are safer.
+        newton = normal - curvature * mask
+        factor, info = torch.linalg.cholesky_ex(newton + 1e-10 * torch.diag_embed(scale))
+        hessian = torch.where((info == 0)[:, None, None], newton, normal)
+    factor, info = torch.linalg.cholesky_ex(hessian + regulariser)
     step = torch.cholesky_solve(gradient[..., None], factor)[..., 0]
     solved = (info == 0) & torch.isfinite(step).all(1)
-    return torch.where(solved[:, None], step, torch.zeros_like(step)), solved
+    return torch.where(solved[:, None], step, torch.zeros_like(step)), hessian, solved
 
 
-def _predicted_reduction(step, normal, gradient):
-    """Decrease of the sum of squares that the linearised model predicts for step: (n,)."""
-    return 2 * (step * gradient).sum(1) - (step[:, None, :] @ normal @ step[:, :, None])[:, 0, 0]
+def _predicted_reduction(step, hessian, gradient):
+    """Decrease of the sum of squares that the quadratic model predicts for step: (n,)."""
+    return 2 * (step * gradient).sum(1) - (step[:, None, :] @ hessian @ step[:, :, None])[:, 0, 0]
 
 
 def _levenberg_marquardt(theta, y, grid, profile, settings) -> _Solution:
@@ -740,42 +809,53 @@ def _levenberg_marquardt(theta, y, grid, profile, settings) -> _Solution:
     data = _Data.of(y)
     work = _Workspace(y, profile, settings)
     theta, cost, evaluation = _evaluate(_project(theta, settings, grid), data, grid, profile, settings, work)
-    normal, gradient = _normal_equations(evaluation, settings)
+    normal, curvature, gradient = _normal_equations(evaluation, data, settings)
     n = len(theta)
-    damping = theta.new_full((n,), 1e-3)
+    damping, growth = theta.new_full((n,), 1e-3), theta.new_full((n,), 2.0)
     iterations = torch.zeros(n, dtype=torch.int64, device=theta.device)
     converged = cost <= 1e-28 * data.y_squares
     running = torch.nonzero(~converged)[:, 0]
     running_data = data.subset(running)
     tol = settings.tolerance
     for _ in range(settings.max_iterations):
-        old_theta, old_cost, old_normal, old_gradient = theta[running], cost[running], normal[running], gradient[running]
+        old_theta, old_cost, old_gradient = theta[running], cost[running], gradient[running]
+        old_normal = normal[running]
+        old_curvature = curvature[running] if curvature is not None else None
         frozen = _frozen(old_theta, old_gradient, settings, grid)
-        newton, newton_solved = _damped_step(old_normal, old_gradient, torch.full_like(old_cost, 1e-12), frozen)
-        settled = newton_solved & (_predicted_reduction(newton, old_normal, old_gradient) <= tol * old_cost)
+        newton, hessian, newton_solved = _damped_step(old_normal, old_curvature, old_gradient,
+                                                      torch.full_like(old_cost, 1e-12), frozen)
+        settled = newton_solved & (_predicted_reduction(newton, hessian, old_gradient) <= tol * old_cost)
         if bool(settled.any()):
             converged[running[settled]] = True
             keep = ~settled
             running, running_data = running[keep], running_data.subset(keep)
             old_theta, old_cost, old_normal, old_gradient, frozen = (
                 v[keep] for v in (old_theta, old_cost, old_normal, old_gradient, frozen))
+            old_curvature = old_curvature[keep] if old_curvature is not None else None
         if len(running) == 0:
             break
-        step, solved = _damped_step(old_normal, old_gradient, damping[running], frozen)
+        step, hessian, solved = _damped_step(old_normal, old_curvature, old_gradient, damping[running], frozen)
         new_theta, new_cost, evaluation = _evaluate(
             _project(old_theta + step, settings, grid), running_data, grid, profile, settings, work)
         accept = solved & torch.isfinite(new_cost) & (new_cost < old_cost)
-        predicted = _predicted_reduction(step, old_normal, old_gradient)
+        predicted = _predicted_reduction(step, hessian, old_gradient)
         negligible = solved & ((old_cost - new_cost).abs() <= tol * old_cost) & (predicted <= tol * old_cost)
-        damping[running] = torch.where(accept, (damping[running] / 10).clamp_min(1e-12), damping[running] * 10)
+        # Nielsen's update: shrink the damping as far as the quadratic model proved right.
+        ratio = (old_cost - new_cost) / predicted.clamp_min(1e-300)
+        shrink = torch.clamp(1 - (2 * ratio - 1) ** 3, min=1 / 3)
+        damping[running] = torch.where(accept, (damping[running] * shrink).clamp_min(1e-12),
+                                       damping[running] * growth[running])
+        growth[running] = torch.where(accept, torch.full_like(ratio, 2.0), growth[running] * 2)
         iterations[running] += 1
         finished = negligible | (damping[running] > 1e12) | (accept & (new_cost <= 1e-28 * running_data.y_squares))
         taken = running[accept]
         theta[taken], cost[taken] = new_theta[accept], new_cost[accept]
         # The normal equations are only needed where the solver goes on from the new point.
         if bool((accept & ~finished).any()):
-            new_normal, new_gradient = _normal_equations(evaluation, settings)
+            new_normal, new_curvature, new_gradient = _normal_equations(evaluation, running_data, settings)
             normal[taken], gradient[taken] = new_normal[accept], new_gradient[accept]
+            if curvature is not None:
+                curvature[taken] = new_curvature[accept]
         if bool(finished.any()):
             converged[running[finished]] = True
             running, running_data = running[~finished], running_data.subset(~finished)
@@ -787,7 +867,7 @@ def _model_images(theta, grid, profile, settings, work=None):
     shape = theta[:, _shape_slice(settings)]
     dx, dy = _offsets(grid, shape[:, 0], shape[:, 1])
     model = theta.new_empty(len(theta), len(grid.y), len(grid.x))
-    buffers = work.views(len(theta))[3] if work is not None else [torch.empty_like(model) for _ in range(profile.n_buffers)]
+    buffers = work.views(len(theta))[2] if work is not None else [torch.empty_like(model) for _ in range(profile.n_buffers)]
     profile.evaluate(shape, dx, dy, theta[:, _shape_slice(settings).stop:], False, model, buffers)
     model.mul_(theta[:, 0, None, None])
     return model.add_(theta[:, 1, None, None]) if settings.fit_sky else model
@@ -817,7 +897,7 @@ def _border_median(y):
     return y[:, mask].median(1).values
 
 
-def _adaptive_moments(image, grid, binning: int, iterations: int = 8):
+def _adaptive_moments(image, grid, binning: int, iterations: int = 6):
     """Centre (x0, y0) and covariance (sxx, sxy, syy), each (n,), from Gaussian-weighted moments.
 
     The weight starts 3 pixels wide at the brightest point of the 3x3-smoothed image and is
@@ -825,9 +905,11 @@ def _adaptive_moments(image, grid, binning: int, iterations: int = 8):
     Gaussian profile is its own covariance; the window keeps distant noise out of the moments.
     """
     smoothed = torch.nn.functional.avg_pool2d(image[:, None], 3, 1, 1, count_include_pad=False)[:, 0]
-    peak = smoothed.reshape(len(image), -1).argmax(1)
+    brightest, peak = smoothed.reshape(len(image), -1).max(1)
     width = image.shape[2]
-    x0, y0 = grid.x[peak % width], grid.y[torch.div(peak, width, rounding_mode="floor")]
+    # An image with nothing above zero has no brightest point: start from its centre.
+    x0 = torch.where(brightest > 0, grid.x[peak % width], torch.zeros_like(brightest))
+    y0 = torch.where(brightest > 0, grid.y[torch.div(peak, width, rounding_mode="floor")], torch.zeros_like(brightest))
     low, high = 0.25, float(max(grid.cx, grid.cy, 1.0)) ** 2
     sxx = image.new_full((len(image),), 9.0)
     sxy, syy = torch.zeros_like(sxx), sxx.clone()
@@ -856,15 +938,43 @@ def _inverse_2x2(a, b, c):
     return c / det, -b / det, a / det
 
 
+_START_WIDTHS = (1.0, 2.0, 4.0, 8.0, 16.0)
+"""Widths (pixels) of the round Gaussians tried, besides adaptive moments, as starting points."""
+
+
 def _gaussian_start(y, settings):
-    """theta (n, P) for the Gaussian from adaptive moments of the block-averaged images."""
+    """theta (n, P) for the Gaussian: the best of several candidates on block-averaged images.
+
+    Candidates, on the coarse (3x3 block-averaged) images at a ninth of the cost: the
+    adaptive-moments ellipse and round profiles of several widths centred where it is;
+    the one with the lowest squared error, less the widening by the block averaging, starts
+    the full-resolution fit. Moments alone mislead on cuspy profiles, which they shrink
+    towards a point.
+    """
     binning = _binning(y)
     coarse = _block_average(y, binning)
     grid = _Grid.for_images(y.shape[1], y.shape[2], y.device, binning)
     sky = _border_median(coarse) if settings.fit_sky else coarse.new_zeros(len(y))
     x0, y0, sxx, sxy, syy = _adaptive_moments(coarse - sky[:, None, None], grid, binning)
+    blur = (binning ** 2 - 1) / 12.0
     linear = [torch.zeros_like(x0)] + ([sky] if settings.fit_sky else [])
-    return torch.stack(linear + [x0, y0, *_cholesky_parameters(*_inverse_2x2(sxx, sxy, syy))], 1)
+    candidates = [torch.stack(linear + [x0, y0, *_cholesky_parameters(*_inverse_2x2(sxx + blur, sxy, syy + blur))], 1)]
+    for width in _START_WIDTHS:
+        log_precision = torch.full_like(x0, -0.5 * math.log(width ** 2 + blur))
+        candidates.append(torch.stack(linear + [x0, y0, log_precision, torch.zeros_like(x0), log_precision], 1))
+    profile = _GaussianProfile()
+    data, work = _Data.of(coarse), _Workspace(coarse, profile, settings)
+    theta, best_cost = None, None
+    for candidate in candidates:
+        candidate, cost, _ = _evaluate(_project(candidate, settings, grid), data, grid, profile, settings, work)
+        better = cost < best_cost if best_cost is not None else torch.ones_like(cost, dtype=torch.bool)
+        theta = torch.where(better[:, None], candidate, theta) if theta is not None else candidate
+        best_cost = torch.where(better, cost, best_cost) if best_cost is not None else cost
+    shape = _shape_slice(settings)
+    a, b, c = _inverse_2x2(*_precision(theta[:, shape]))
+    sxx, sxy, syy = _clip_eigenvalues(a - blur, b, c - blur, settings.width_bounds[0] ** 2, settings.width_bounds[1] ** 2)
+    theta[:, shape.start + 2:shape.stop] = torch.stack(_cholesky_parameters(*_inverse_2x2(sxx, sxy, syy)), 1)
+    return theta
 
 
 def _fit_gaussian_chunk(y, settings) -> _Solution:
@@ -933,3 +1043,163 @@ def _named_parameters(name, theta, grid, settings) -> dict[str, np.ndarray]:
     if name == "sersic":
         params["flux"] = sersic_total_flux(params["amplitude"], params["r_eff"], params["n"], params["ellip"])
     return params
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference: the same least-squares problems solved one image at a time by astropy (slow)
+
+
+def initial_gaussian_parameters(images, fit_sky: bool = False) -> dict[str, np.ndarray]:
+    """The Gaussian fitter's starting point, as astropy-style parameters (N,) float64 each.
+
+    Centre and covariance from adaptive moments of the 3x3 block-averaged images, amplitude
+    (and sky) the linear least-squares optimum for that shape. Keys as ``fit_gaussian``'s.
+    """
+    y = _as_batch(images)
+    settings = _Settings(fit_sky=bool(fit_sky), max_iterations=1, tolerance=0.0, chunk_size=len(y),
+                         width_bounds=(0.1, 10.0 * max(y.shape[1:])), centre_margin=0.5 * max(y.shape[1:]))
+    grid = _Grid.for_images(y.shape[1], y.shape[2], y.device)
+    profile = _GaussianProfile()
+    theta = _project(_gaussian_start(y, settings), settings, grid)
+    theta, _, _ = _evaluate(theta, _Data.of(y), grid, profile, settings, _Workspace(y, profile, settings), False)
+    return _named_parameters("gaussian", theta, grid, settings)
+
+
+def fit_gaussian_astropy(images, fit_sky: bool = False, *, initial: dict | None = None,
+                         fitter: str = "levmar", max_iterations: int = 1000) -> BaselineFit:
+    """Reference Gaussian fits: astropy ``Gaussian2D`` (+ ``Const2D``), one image at a time.
+
+    images: (N, H, W). initial: starting parameters as returned by ``initial_gaussian_parameters``
+    (the default). fitter: "levmar" (``LevMarLSQFitter``) or "trf" (``TRFLSQFitter``).
+    Returns a BaselineFit named "gaussian-astropy" with ``fit_gaussian``'s parameter names;
+    converged is False where astropy warned that the fit may have failed.
+    """
+    from astropy.modeling import models
+
+    images = _to_numpy64(images, "images")
+    initial = initial if initial is not None else initial_gaussian_parameters(images, fit_sky)
+
+    def model(i):
+        gaussian = models.Gaussian2D(initial["amplitude"][i], initial["x0"][i], initial["y0"][i],
+                                     initial["sigma_major"][i], initial["sigma_minor"][i], initial["theta"][i])
+        return gaussian + models.Const2D(initial["sky"][i]) if fit_sky else gaussian
+
+    def named(fitted):
+        g = fitted[0] if fit_sky else fitted
+        major, minor, theta = _astropy_axes(g.x_stddev.value, g.y_stddev.value, g.theta.value)
+        params = {"flux": g.amplitude.value * 2 * np.pi * major * minor, "amplitude": g.amplitude.value,
+                  "x0": g.x_mean.value, "y0": g.y_mean.value, "sigma_major": major, "sigma_minor": minor,
+                  "theta": theta}
+        if fit_sky:
+            params["sky"] = fitted[1].amplitude.value
+        return params
+
+    return _astropy_loop("gaussian-astropy", images, model, named, fitter, max_iterations)
+
+
+def fit_sersic_astropy(images, fit_sky: bool = False, *, n_starts: tuple[float, ...] = SERSIC_STARTS,
+                       n_bounds: tuple[float, float] = (0.3, 8.0), fitter: str = "levmar",
+                       max_iterations: int = 1000) -> BaselineFit:
+    """Reference Sersic fits: astropy ``Sersic2D`` (+ ``Const2D``), one image and start at a time.
+
+    The same recipe as ``fit_sersic``: an astropy Gaussian fit (``fit_gaussian_astropy``), then
+    one Sersic fit from its half-light ellipse for every index in ``n_starts`` (n bounded by
+    ``n_bounds``), keeping the lowest squared error. Returns a BaselineFit named "sersic-astropy".
+    """
+    from astropy.modeling import models
+
+    images = _to_numpy64(images, "images")
+    gaussian = fit_gaussian_astropy(images, fit_sky, fitter=fitter, max_iterations=max_iterations)
+    best = None
+    for n in n_starts:
+        start = _sersic_start_parameters(images, gaussian.params, n, fit_sky)
+
+        def model(i, start=start):
+            sersic = models.Sersic2D(start["amplitude"][i], start["r_eff"][i], start["n"][i], start["x0"][i],
+                                     start["y0"][i], start["ellip"][i], start["theta"][i],
+                                     bounds={"n": n_bounds, "r_eff": (1e-3, None)})
+            return sersic + models.Const2D(start["sky"][i]) if fit_sky else sersic
+
+        def named(fitted):
+            s = fitted[0] if fit_sky else fitted
+            r_eff, ellip, theta = _astropy_sersic_axes(s.r_eff.value, s.ellip.value, s.theta.value)
+            params = {"amplitude": s.amplitude.value, "r_eff": r_eff, "n": s.n.value, "x0": s.x_0.value,
+                      "y0": s.y_0.value, "ellip": ellip, "theta": theta}
+            if fit_sky:
+                params["sky"] = fitted[1].amplitude.value
+            return params
+
+        fit = _astropy_loop("sersic-astropy", images, model, named, fitter, max_iterations)
+        best = fit if best is None else _lower_mse(best, fit)
+    best.params["flux"] = sersic_total_flux(best.params["amplitude"], best.params["r_eff"],
+                                            best.params["n"], best.params["ellip"])
+    return best
+
+
+def _astropy_loop(name, images, model, named, fitter: str, max_iterations: int) -> BaselineFit:
+    from astropy.modeling import fitting
+    from astropy.utils.exceptions import AstropyUserWarning
+
+    fitters = {"levmar": fitting.LevMarLSQFitter, "trf": fitting.TRFLSQFitter}
+    if fitter not in fitters:
+        raise InputError(f"fitter must be one of {sorted(fitters)}, got {fitter!r}.")
+    solver = fitters[fitter]()
+    y, x = np.mgrid[:images.shape[1], :images.shape[2]]
+    model_images = np.empty(images.shape, np.float32)
+    rows, mse, converged = [], np.empty(len(images)), np.ones(len(images), bool)
+    for i, image in enumerate(images):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", AstropyUserWarning)
+            fitted = solver(model(i), x, y, image, maxiter=max_iterations)
+        converged[i] = not any(issubclass(w.category, AstropyUserWarning) for w in caught)
+        values = fitted(x, y)
+        model_images[i] = values
+        mse[i] = np.mean((image - values) ** 2)
+        rows.append(named(fitted))
+    params = {key: np.array([row[key] for row in rows], np.float64) for key in rows[0]}
+    return BaselineFit(name, model_images, params, mse, converged, np.zeros(len(images), np.int64))
+
+
+def _astropy_axes(x_stddev, y_stddev, theta):
+    """(sigma_major, sigma_minor, theta of the major axis in [0, pi)) from Gaussian2D's widths."""
+    x_stddev, y_stddev = abs(x_stddev), abs(y_stddev)
+    if y_stddev > x_stddev:
+        return y_stddev, x_stddev, float(np.remainder(theta + np.pi / 2, np.pi))
+    return x_stddev, y_stddev, float(np.remainder(theta, np.pi))
+
+
+def _astropy_sersic_axes(r_eff, ellip, theta):
+    """(r_eff of the major axis, ellip in [0, 1), theta in [0, pi)) from Sersic2D's parameters."""
+    a, b = abs(r_eff), abs((1 - ellip) * r_eff)
+    if b > a:
+        return b, 1 - a / b, float(np.remainder(theta + np.pi / 2, np.pi))
+    return a, 1 - b / a, float(np.remainder(theta, np.pi))
+
+
+def _sersic_start_parameters(images, gaussian: dict, n: float, fit_sky: bool) -> dict[str, np.ndarray]:
+    """Sersic2D start from a Gaussian fit: same centre and half-light ellipse, index n,
+    amplitude (and sky) the linear least-squares optimum for that shape."""
+    from astropy.modeling import models
+
+    start = {"r_eff": _HALF_LIGHT_PER_SIGMA * gaussian["sigma_major"], "n": np.full(len(images), n),
+             "x0": gaussian["x0"], "y0": gaussian["y0"],
+             "ellip": 1 - gaussian["sigma_minor"] / gaussian["sigma_major"], "theta": gaussian["theta"]}
+    y, x = np.mgrid[:images.shape[1], :images.shape[2]]
+    amplitude, sky = np.empty(len(images)), np.zeros(len(images))
+    for i, image in enumerate(images):
+        h = models.Sersic2D(1.0, start["r_eff"][i], n, start["x0"][i], start["y0"][i],
+                            start["ellip"][i], start["theta"][i])(x, y).ravel()
+        design = np.stack([h, np.ones_like(h)], 1) if fit_sky else h[:, None]
+        solution = np.linalg.lstsq(design, image.ravel(), rcond=None)[0]
+        amplitude[i] = solution[0]
+        if fit_sky:
+            sky[i] = solution[1]
+    return {**start, "amplitude": amplitude, "sky": sky}
+
+
+def _lower_mse(first: BaselineFit, second: BaselineFit) -> BaselineFit:
+    better = second.mse < first.mse
+    params = {key: np.where(better, second.params[key], first.params[key]) for key in first.params}
+    return BaselineFit(first.name, np.where(better[:, None, None], second.model_images, first.model_images),
+                       params, np.minimum(first.mse, second.mse),
+                       np.where(better, second.converged, first.converged), first.iterations)
