@@ -17,11 +17,13 @@ A constant sky level is fitted only when asked (``fit_sky=True``): the simulated
 sky-subtracted (``attrs["sky_subtracted"] = True``), so its baselines have no sky term, while
 data that still carry their sky (JPEG cut-outs, for example) need one.
 
-The solver is a batched Levenberg-Marquardt in float64 (see ``docs/baselines.md``): an
-adaptive-moments start, then damped Gauss-Newton steps solved for every image at once with
-``torch.linalg``; amplitude and sky are re-solved exactly (linear least squares) at every trial
-point; the shape is a Cholesky factor of the inverse (co)variance, so it stays positive
-definite; widths, centre and Sersic index are kept inside bounds by projection.
+The solver is a batched Levenberg-Marquardt in float64 (see ``docs/baselines.md``): a start
+chosen among moment-based candidates on block-averaged images, then damped Newton (Gaussian)
+or Gauss-Newton (Sersic) steps whose small normal equations are solved for all images at once
+with ``torch.linalg``. Amplitude and sky are re-solved exactly (linear least squares) at every
+trial point; the shape is the Cholesky factor of the inverse covariance, so it stays positive
+definite; widths, centre and Sersic index are kept inside bounds by projection. Pixel sums
+over the Jacobian are moments of weighted images, so no (N, P, H*W) Jacobian is ever formed.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ from galaxyvae.errors import InputError
 DEFAULT_CHUNK_SIZE = 512
 """Images fitted together; memory grows linearly with it (about 25 float64 image-sized arrays)."""
 
-SERSIC_STARTS = (0.5, 1.0, 4.0)
-"""Starting Sersic indices: Gaussian-like, exponential disc and de Vaucouleurs bulge."""
+SERSIC_STARTS = (0.5, 2.5)
+"""Starting Sersic indices: 0.5, where the profile is the fitted Gaussian (so the Sersic fit is
+never worse than it), and 2.5, between exponential discs (1) and de Vaucouleurs bulges (4)."""
 
 _SHAPE_PARAMETERS = 5  # x0, y0 and the three entries of the Cholesky factor of the precision
 _HALF_LIGHT_PER_SIGMA = math.sqrt(2 * math.log(2))  # half-light radius of a 2-D Gaussian / sigma
@@ -110,7 +113,8 @@ def fit_gaussian(images, fit_sky: bool = False, *, max_iterations: int = 100,
         tolerance=float(tolerance), chunk_size=_positive_int(chunk_size, "chunk_size"),
         width_bounds=_width_bounds(sigma_bounds, 10.0 * max(y.shape[1:]), "sigma_bounds"),
         centre_margin=0.5 * max(y.shape[1:]))
-    parts = [_fit_gaussian_chunk(chunk, settings) for chunk in _chunks(y, settings.chunk_size)]
+    parts = [_fit_gaussian_chunk(chunk, settings).with_float32_model()
+             for chunk in _chunks(y, settings.chunk_size)]
     return _package("gaussian", y, parts, settings)
 
 
@@ -122,10 +126,10 @@ def fit_sersic(images, fit_sky: bool = False, *, n_starts: tuple[float, ...] = S
 
     The model is astropy's ``Sersic2D`` (boxiness c = 0):
     ``amplitude * exp(-b_n (z^(1/n) - 1))``, ``z^2 = (x_maj / r_eff)^2 + (x_min / ((1 - ellip) r_eff))^2``,
-    ``b_n = gammaincinv(2 n, 0.5)``. Each image is first fitted with ``fit_gaussian``; the
-    Sersic fit starts from that shape (same half-light radius) at every index in ``n_starts``
-    and the start with the lowest squared error is kept. Starting at n = 0.5, where the Sersic
-    profile is a Gaussian, guarantees the Sersic fit is never worse than the Gaussian one.
+    ``b_n = gammaincinv(2 n, 0.5)``. Each image is first fitted with a Gaussian; the Sersic
+    fit starts from its centre and half-light ellipse at every index in ``n_starts`` and the
+    start with the lowest squared error is kept. A start at n = 0.5, where the Sersic profile
+    is that Gaussian, makes the Sersic fit never worse than the Gaussian one.
 
     images:  (N, H, W) numpy array or torch tensor (fitted on its device); units kept.
     fit_sky: also fit a constant sky level.
@@ -157,7 +161,7 @@ def fit_sersic(images, fit_sky: bool = False, *, n_starts: tuple[float, ...] = S
     gaussian_settings = replace(
         settings, n_extra=0, log_n_bounds=(0.0, 0.0), max_iterations=100,
         width_bounds=tuple(w / _HALF_LIGHT_PER_SIGMA for w in settings.width_bounds))
-    parts = [_fit_sersic_chunk(chunk, starts, settings, gaussian_settings)
+    parts = [_fit_sersic_chunk(chunk, starts, settings, gaussian_settings).with_float32_model()
              for chunk in _chunks(y, settings.chunk_size)]
     return _package("sersic", y, parts, settings)
 
@@ -189,19 +193,22 @@ def max_gaussian_log_likelihood(images, model_images) -> np.ndarray:
 
 
 def _as_batch(images) -> torch.Tensor:
-    """(N, H, W) float64 tensor on the input's device; raises InputError on bad input."""
+    """(N, H, W) real tensor on the input's device, not yet converted to float64 (chunks are,
+    one at a time, so that a large data set never exists twice in float64); raises InputError."""
     if isinstance(images, torch.Tensor):
-        y = images.detach().to(torch.float64)
+        y = images.detach()
     else:
         try:
-            y = torch.from_numpy(np.asarray(images, dtype=np.float64))
+            array = np.asarray(images)
+            y = torch.from_numpy(array if array.dtype.isnative and array.dtype.kind == "f"
+                                 else array.astype(np.float64))
         except (TypeError, ValueError) as error:
             raise InputError(f"images must be a numeric (N, H, W) array: {error}.") from None
     if y.ndim != 3 or min(y.shape) == 0:
         raise InputError(f"images must be a non-empty (N, H, W) array, got shape {tuple(y.shape)}.")
-    if not bool(torch.isfinite(y.sum()).all()):
-        raise InputError("images contain NaN or infinite pixels; remove or replace them before fitting.")
-    return y.contiguous()
+    if y.is_complex() or not bool(torch.isfinite(y.sum(dtype=torch.float64))):
+        raise InputError("images contain NaN or infinite pixels (or are complex); fix them before fitting.")
+    return y
 
 
 def _to_numpy64(array, name: str) -> np.ndarray:
@@ -225,7 +232,9 @@ def _width_bounds(bounds, default_high: float, name: str) -> tuple[float, float]
 
 
 def _chunks(y: torch.Tensor, size: int):
-    return [y[start:start + size] for start in range(0, len(y), size)]
+    """Consecutive (size, H, W) float64 contiguous chunks of y (the last may be shorter)."""
+    for start in range(0, len(y), size):
+        yield y[start:start + size].to(torch.float64).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,43 +381,47 @@ def _squared_radius(shape, dx, dy, out, factor: float = 1.0):
     return torch.addcmul(sign * (e3 * dy) ** 2, out, out, value=sign, out=out)
 
 
-def _polynomials(shape):
-    """Coefficients c[n, k, b, a] of dq/d(shape_k) = sum_ab c dy^b dx^a: (n, 5, 3, 3).
+def _placement(entries: list[list[tuple]], shape: tuple[int, ...]) -> torch.Tensor:
+    """(len(entries), prod(shape)) 0/1 matrix putting value i at each index tuple of entries[i]."""
+    matrix = torch.zeros(len(entries), math.prod(shape), dtype=torch.float64)
+    for i, positions in enumerate(entries):
+        for position in positions:
+            matrix[i, np.ravel_multi_index(position, shape)] = 1.0
+    return matrix
 
-    shape_k runs over x0, y0, l1, l2, l3.
-    """
+
+# d q / d shape_k = sum_ab c[k, b, a] dy^b dx^a, shape_k over x0, y0, l1, l2, l3, as values:
+# -2 e1^2, -2 e1 l2, -2 (l2^2 + e3^2), 2 e1^2, 2 e1 l2, 2 e1, 2 l2, 2 e3^2.
+_FIRST = _placement([[(0, 0, 1)], [(0, 1, 0), (1, 0, 1)], [(1, 1, 0)], [(2, 0, 2)], [(2, 1, 1)],
+                     [(3, 1, 1)], [(3, 2, 0)], [(4, 2, 0)]], (_SHAPE_PARAMETERS, 3, 3))
+
+# d2 q / d shape_k d shape_l = sum_ab c[k, l, b, a] dy^b dx^a, as values:
+# 2 e1^2, 2 e1 l2, -4 e1^2, -2 e1 l2, -2 e1, 2 (l2^2 + e3^2), -4 l2, -4 e3^2, 4 e1^2, 2, 4 e3^2.
+_SECOND = _placement(
+    [[(0, 0, 0, 0)], [(0, 1, 0, 0), (1, 0, 0, 0), (2, 2, 1, 1)], [(0, 2, 0, 1), (2, 0, 0, 1)],
+     [(0, 2, 1, 0), (2, 0, 1, 0), (1, 2, 0, 1), (2, 1, 0, 1)],
+     [(0, 3, 1, 0), (3, 0, 1, 0), (1, 3, 0, 1), (3, 1, 0, 1)], [(1, 1, 0, 0)],
+     [(1, 3, 1, 0), (3, 1, 1, 0)], [(1, 4, 1, 0), (4, 1, 1, 0)], [(2, 2, 0, 2)], [(3, 3, 2, 0)],
+     [(4, 4, 2, 0)], [(2, 3, 1, 1), (3, 2, 1, 1)]],
+    (_SHAPE_PARAMETERS, _SHAPE_PARAMETERS, 3, 3))
+
+
+def _polynomials(shape):
+    """Coefficients c[n, k, 9] of dq/d(shape_k) = sum c[b * 3 + a] dy^b dx^a, shape_k over
+    x0, y0, l1, l2, l3: (n, 5, 9)."""
     e1, l2, e3 = torch.exp(shape[:, 2]), shape[:, 3], torch.exp(shape[:, 4])
-    c = shape.new_zeros(len(shape), _SHAPE_PARAMETERS, 3, 3)
-    c[:, 0, 0, 1], c[:, 0, 1, 0] = -2 * e1 * e1, -2 * e1 * l2
-    c[:, 1, 0, 1], c[:, 1, 1, 0] = -2 * e1 * l2, -2 * (l2 * l2 + e3 * e3)
-    c[:, 2, 0, 2], c[:, 2, 1, 1] = 2 * e1 * e1, 2 * e1 * l2
-    c[:, 3, 1, 1], c[:, 3, 2, 0] = 2 * e1, 2 * l2
-    c[:, 4, 2, 0] = 2 * e3 * e3
-    return c
+    values = torch.stack([-2 * e1 * e1, -2 * e1 * l2, -2 * (l2 * l2 + e3 * e3), 2 * e1 * e1, 2 * e1 * l2,
+                          2 * e1, 2 * l2, 2 * e3 * e3], 1)
+    return (values @ _FIRST.to(values)).reshape(len(shape), _SHAPE_PARAMETERS, 9)
 
 
 def _second_polynomials(shape):
-    """Coefficients c[n, k, l, b, a] of d2q/d(shape_k)d(shape_l) = sum_ab c dy^b dx^a: (n, 5, 5, 3, 3)."""
+    """Coefficients c[n, k, l, 9] of d2q/d(shape_k)d(shape_l): (n, 5, 5, 9)."""
     e1, l2, e3 = torch.exp(shape[:, 2]), shape[:, 3], torch.exp(shape[:, 4])
-    c = shape.new_zeros(len(shape), _SHAPE_PARAMETERS, _SHAPE_PARAMETERS, 3, 3)
-    entries = {  # (k, l): [(b, a, coefficient)], k <= l over x0, y0, l1, l2, l3
-        (0, 0): [(0, 0, 2 * e1 * e1)],
-        (0, 1): [(0, 0, 2 * e1 * l2)],
-        (0, 2): [(0, 1, -4 * e1 * e1), (1, 0, -2 * e1 * l2)],
-        (0, 3): [(1, 0, -2 * e1)],
-        (1, 1): [(0, 0, 2 * (l2 * l2 + e3 * e3))],
-        (1, 2): [(0, 1, -2 * e1 * l2)],
-        (1, 3): [(0, 1, -2 * e1), (1, 0, -4 * l2)],
-        (1, 4): [(1, 0, -4 * e3 * e3)],
-        (2, 2): [(0, 2, 4 * e1 * e1), (1, 1, 2 * e1 * l2)],
-        (2, 3): [(1, 1, 2 * e1)],
-        (3, 3): [(2, 0, torch.full_like(e1, 2.0))],
-        (4, 4): [(2, 0, 4 * e3 * e3)],
-    }
-    for (k, l), terms in entries.items():
-        for b, a, value in terms:
-            c[:, k, l, b, a] = c[:, l, k, b, a] = value
-    return c
+    values = torch.stack([2 * e1 * e1, 2 * e1 * l2, -4 * e1 * e1, -2 * e1 * l2, -2 * e1,
+                          2 * (l2 * l2 + e3 * e3), -4 * l2, -4 * e3 * e3, 4 * e1 * e1,
+                          torch.full_like(e1, 2.0), 4 * e3 * e3, 2 * e1], 1)
+    return (values @ _SECOND.to(values)).reshape(len(shape), _SHAPE_PARAMETERS, _SHAPE_PARAMETERS, 9)
 
 
 def _powers(d, order: int):
@@ -588,7 +601,7 @@ def _normal_equations(e: _Evaluation, data: _Data, settings: _Settings):
     if settings.fit_sky:
         base_residual -= s[:, None] * second["sky"]
 
-    c = _polynomials(e.shape).reshape(n, _SHAPE_PARAMETERS, 9) * a[:, None, None]
+    c = _polynomials(e.shape) * a[:, None, None]
     fourth = moments[:, 0].reshape(n, 25)[:, _PAIR_INDEX.to(c.device)] * scale ** 2
     shape_normal = c @ fourth @ c.transpose(1, 2)
     shape_plain = c @ torch.stack([second[key] for key in keys], 2)                      # (n, 5, b)
@@ -622,11 +635,10 @@ def _residual_curvature(moments, e: _Evaluation, slots: dict, settings: _Setting
     rh = moments[:, 1] - a[:, None, None] * moments[:, 0]
     if settings.fit_sky:
         rh = rh - e.sky[:, None, None] * moments[:, slots["sky"]]
-    first = _polynomials(e.shape).reshape(n, _SHAPE_PARAMETERS, 9)
+    first = _polynomials(e.shape)
     rh_second = rh[:, :3, :3].reshape(n, 9)
     pairs = first @ rh.reshape(n, 25)[:, _PAIR_INDEX.to(rh.device)] @ first.transpose(1, 2)
-    hessians = (_second_polynomials(e.shape).reshape(n, _SHAPE_PARAMETERS, _SHAPE_PARAMETERS, 9)
-                * rh_second[:, None, None, :]).sum(-1)
+    hessians = (_second_polynomials(e.shape) @ rh_second[:, None, :, None])[..., 0]
     curvature = e.h.new_zeros(n, _n_parameters(settings), _n_parameters(settings))
     q = torch.arange(_SHAPE_PARAMETERS, device=rh.device) + _n_linear(settings)
     curvature[:, q[:, None], q[None, :]] = a[:, None, None] * (scale ** 2 * pairs + scale * hessians)
@@ -756,6 +768,9 @@ class _Solution:
         return _Solution(*(pick(getattr(self, f), getattr(other, f))
                            for f in ("theta", "cost", "converged", "iterations", "model")))
 
+    def with_float32_model(self) -> "_Solution":
+        return replace(self, model=self.model.to(torch.float32))
+
     @staticmethod
     def concatenate(parts: list["_Solution"]) -> "_Solution":
         return _Solution(*(torch.cat([getattr(p, f) for p in parts])
@@ -800,11 +815,12 @@ def _levenberg_marquardt(theta, y, grid, profile, settings) -> _Solution:
     """Minimise every image's sum of squared residuals, starting from theta (n, P).
 
     Each iteration solves the damped normal equations of all running images at once and
-    evaluates the candidates; a lower cost is accepted (damping / 10), otherwise the damping
-    grows tenfold. An image has converged when the undamped Gauss-Newton step promises less
-    than ``settings.tolerance`` of its cost, when a step changed its cost by less than that and
-    promised no more (MINPACK's test), when no damping finds a lower cost, or when its residual
-    vanishes. Converged images drop out of later iterations.
+    evaluates the candidates; a lower cost is accepted. The damping follows Nielsen's rule:
+    it shrinks as far as the quadratic model predicted the gain well, and grows 2, 4, 8...
+    fold on successive failures. An image has converged when the undamped step promises
+    less than ``settings.tolerance`` of its cost, when a step changed its cost by less than
+    that and promised no more (MINPACK's test), when no damping finds a lower cost, or when
+    its residual vanishes. Converged images drop out of later iterations.
     """
     data = _Data.of(y)
     work = _Workspace(y, profile, settings)
@@ -840,12 +856,8 @@ def _levenberg_marquardt(theta, y, grid, profile, settings) -> _Solution:
         accept = solved & torch.isfinite(new_cost) & (new_cost < old_cost)
         predicted = _predicted_reduction(step, hessian, old_gradient)
         negligible = solved & ((old_cost - new_cost).abs() <= tol * old_cost) & (predicted <= tol * old_cost)
-        # Nielsen's update: shrink the damping as far as the quadratic model proved right.
-        ratio = (old_cost - new_cost) / predicted.clamp_min(1e-300)
-        shrink = torch.clamp(1 - (2 * ratio - 1) ** 3, min=1 / 3)
-        damping[running] = torch.where(accept, (damping[running] * shrink).clamp_min(1e-12),
-                                       damping[running] * growth[running])
-        growth[running] = torch.where(accept, torch.full_like(ratio, 2.0), growth[running] * 2)
+        damping[running], growth[running] = _nielsen_update(
+            damping[running], growth[running], accept, (old_cost - new_cost) / predicted.clamp_min(1e-300))
         iterations[running] += 1
         finished = negligible | (damping[running] > 1e12) | (accept & (new_cost <= 1e-28 * running_data.y_squares))
         taken = running[accept]
@@ -862,12 +874,21 @@ def _levenberg_marquardt(theta, y, grid, profile, settings) -> _Solution:
     return _Solution(theta, cost, converged, iterations, _model_images(theta, grid, profile, settings, work))
 
 
-def _model_images(theta, grid, profile, settings, work=None):
+def _nielsen_update(damping, growth, accept, gain_ratio):
+    """New (damping, growth), each (n,): after a success the damping shrinks by up to 3 as far as
+    the actual gain matched the predicted one (gain_ratio); after a failure it grows by growth,
+    which doubles with every failure in a row."""
+    shrink = torch.clamp(1 - (2 * gain_ratio - 1) ** 3, min=1 / 3)
+    return (torch.where(accept, (damping * shrink).clamp_min(1e-12), damping * growth),
+            torch.where(accept, torch.full_like(growth, 2.0), growth * 2))
+
+
+def _model_images(theta, grid, profile, settings, work):
     """amplitude * h + sky at every pixel centre: (n, H, W) float64, a new tensor."""
     shape = theta[:, _shape_slice(settings)]
     dx, dy = _offsets(grid, shape[:, 0], shape[:, 1])
     model = theta.new_empty(len(theta), len(grid.y), len(grid.x))
-    buffers = work.views(len(theta))[2] if work is not None else [torch.empty_like(model) for _ in range(profile.n_buffers)]
+    buffers = work.views(len(theta))[2]
     profile.evaluate(shape, dx, dy, theta[:, _shape_slice(settings).stop:], False, model, buffers)
     model.mul_(theta[:, 0, None, None])
     return model.add_(theta[:, 1, None, None]) if settings.fit_sky else model
@@ -962,19 +983,27 @@ def _gaussian_start(y, settings):
     for width in _START_WIDTHS:
         log_precision = torch.full_like(x0, -0.5 * math.log(width ** 2 + blur))
         candidates.append(torch.stack(linear + [x0, y0, log_precision, torch.zeros_like(x0), log_precision], 1))
-    profile = _GaussianProfile()
-    data, work = _Data.of(coarse), _Workspace(coarse, profile, settings)
-    theta, best_cost = None, None
-    for candidate in candidates:
-        candidate, cost, _ = _evaluate(_project(candidate, settings, grid), data, grid, profile, settings, work)
-        better = cost < best_cost if best_cost is not None else torch.ones_like(cost, dtype=torch.bool)
-        theta = torch.where(better[:, None], candidate, theta) if theta is not None else candidate
-        best_cost = torch.where(better, cost, best_cost) if best_cost is not None else cost
+    theta = _lowest_cost(candidates, coarse, grid, settings)
     shape = _shape_slice(settings)
     a, b, c = _inverse_2x2(*_precision(theta[:, shape]))
     sxx, sxy, syy = _clip_eigenvalues(a - blur, b, c - blur, settings.width_bounds[0] ** 2, settings.width_bounds[1] ** 2)
     theta[:, shape.start + 2:shape.stop] = torch.stack(_cholesky_parameters(*_inverse_2x2(sxx, sxy, syy)), 1)
     return theta
+
+
+def _lowest_cost(candidates: list, y, grid, settings):
+    """Per image, the Gaussian candidate theta (with linear parameters solved) of lowest cost."""
+    profile = _GaussianProfile()
+    data, work = _Data.of(y), _Workspace(y, profile, settings)
+    best, best_cost = None, None
+    for candidate in candidates:
+        candidate, cost, _ = _evaluate(_project(candidate, settings, grid), data, grid, profile, settings, work)
+        if best is None:
+            best, best_cost = candidate, cost
+        else:
+            better = cost < best_cost
+            best, best_cost = torch.where(better[:, None], candidate, best), torch.where(better, cost, best_cost)
+    return best
 
 
 def _fit_gaussian_chunk(y, settings) -> _Solution:
@@ -1014,7 +1043,7 @@ def _package(name, y, parts: list[_Solution], settings) -> BaselineFit:
     grid = _Grid.for_images(y.shape[1], y.shape[2], y.device)
     return BaselineFit(
         name=name,
-        model_images=solution.model.to(torch.float32).cpu().numpy(),
+        model_images=solution.model.cpu().numpy(),
         params=_named_parameters(name, solution.theta, grid, settings),
         mse=(solution.cost / (y.shape[1] * y.shape[2])).cpu().numpy(),
         converged=solution.converged.cpu().numpy(),
@@ -1055,7 +1084,7 @@ def initial_gaussian_parameters(images, fit_sky: bool = False) -> dict[str, np.n
     Centre and covariance from adaptive moments of the 3x3 block-averaged images, amplitude
     (and sky) the linear least-squares optimum for that shape. Keys as ``fit_gaussian``'s.
     """
-    y = _as_batch(images)
+    y = next(_chunks(_as_batch(images), len(images)))
     settings = _Settings(fit_sky=bool(fit_sky), max_iterations=1, tolerance=0.0, chunk_size=len(y),
                          width_bounds=(0.1, 10.0 * max(y.shape[1:])), centre_margin=0.5 * max(y.shape[1:]))
     grid = _Grid.for_images(y.shape[1], y.shape[2], y.device)
