@@ -1,6 +1,6 @@
 """Batched baseline fitters against a loop of astropy fits on the same images, in one run.
 
-Run: python benchmarks/bench_baselines.py [--n 300] [--n-sersic 120] [--threads 1]
+Run: python benchmarks/bench_baselines.py [--n 300] [--n-sersic 120] [--threads 1] [--device cuda]
 
 Images: noisy elliptical Gaussian blobs (as in tests/helpers.py), noisy Sersic profiles of
 index 0.5-6 (astropy's Sersic2D), and stamps of the simulated survey (galaxyvae.simulation)
@@ -10,8 +10,10 @@ fit's MSE is at most astropy's (relative tolerance 1e-6), overall and per kind o
 
 The astropy loop is what a user would write: per image, a moment-based initial guess in numpy,
 then ``LevMarLSQFitter`` on ``Gaussian2D``; for Sersic, ``fit_sersic_astropy`` (astropy's own
-Gaussian fit, then ``Sersic2D`` from n = 0.5, 1 and 4, keeping the best), the same recipe as
-``fit_sersic``. Timings on a shared machine are noisy; the ratio is taken within one run.
+Gaussian fit, then ``Sersic2D`` from each of ``SERSIC_STARTS``, keeping the best), the same
+recipe as ``fit_sersic``. Timings on a shared machine are noisy; the ratio is taken within one
+run. On a CPU shared with other busy processes, torch's multi-threaded kernels can stall
+waiting for a core: compare with --threads 1.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import time
 import numpy as np
 import torch
 
-from galaxyvae.baselines import (fit_gaussian, fit_gaussian_astropy, fit_sersic, fit_sersic_astropy)
+from galaxyvae.baselines import (SERSIC_STARTS, fit_gaussian, fit_gaussian_astropy, fit_sersic,
+                                 fit_sersic_astropy)
 
 RELATIVE_TOLERANCE = 1e-6
 
@@ -125,6 +128,7 @@ def main() -> None:
     parser.add_argument("--n-sersic", type=int, default=120, help="images for the Sersic comparison")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="device of the batched fits, e.g. cuda")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -139,19 +143,21 @@ def main() -> None:
     kinds = np.concatenate([[k] * len(p) for k, p in parts])
     order = rng.permutation(len(images))
     images, kinds = images[order], kinds[order]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; images {images.shape}, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batched fits on {args.device}; "
+          f"images {images.shape}, "
           f"kinds {dict(zip(*np.unique(kinds, return_counts=True)))}")
 
-    fit_gaussian(images[:8])
-    fit_sersic(images[:8])
-    ours, ours_seconds = timed(fit_gaussian, images)
+    batch = torch.from_numpy(images).to(args.device)
+    fit_gaussian(batch[:8])
+    fit_sersic(batch[:8])
+    ours, ours_seconds = timed(fit_gaussian, batch)
     theirs, theirs_seconds = astropy_gaussian_loop(images)
     report("Gaussian (Gaussian2D, LevMarLSQFitter)", kinds, ours, ours_seconds, theirs, theirs_seconds)
 
     subset = slice(0, args.n_sersic)
-    ours, ours_seconds = timed(fit_sersic, images[subset])
+    ours, ours_seconds = timed(fit_sersic, batch[subset])
     theirs, theirs_seconds = timed(fit_sersic_astropy, images[subset])
-    report("Sersic (Sersic2D, LevMarLSQFitter, starts n = 0.5, 1, 4)", kinds[subset],
+    report(f"Sersic (Sersic2D, LevMarLSQFitter, starts n = {SERSIC_STARTS})", kinds[subset],
            ours, ours_seconds, theirs, theirs_seconds)
 
 
