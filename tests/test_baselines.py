@@ -289,3 +289,13 @@ def test_max_gaussian_log_likelihood_of_an_exact_model_is_infinite():
     model_images[1, 0, 0] = 0.5
     values = max_gaussian_log_likelihood(images, torch.from_numpy(model_images))
     assert values[0] == np.inf and np.isfinite(values[1])
+
+
+def test_fitting_leaves_torch_thread_setting_as_it_was():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fit_gaussian(gaussian_blobs(2, seed=0))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
