@@ -681,7 +681,7 @@ def _plain_sums(e: _Evaluation, data: _Data, extra: list, settings: _Settings):
     """Pixel sums of products of the non-polynomial columns h, 1 (sky), extra; and with r."""
     n, m = len(e.h), e.h.shape[1] * e.h.shape[2]
     a, s = e.amplitude, e.sky
-    # Each column as (sum with h, sum with 1, sum with y) plus its sum of squares.
+    # Each column's sums with h, with 1 and with the data y.
     rows = [(e.h_squared_sum, e.h_sum, e.h_data_sum)]
     if settings.fit_sky:
         rows.append((e.h_sum, e.h.new_full((n,), float(m)), data.y_sum))
@@ -700,10 +700,13 @@ def _plain_sums(e: _Evaluation, data: _Data, extra: list, settings: _Settings):
             normal[:, k, 1] = normal[:, 1, k] = rows[k][1]
         for j, other in enumerate(extra[:i + 1]):
             l = size - len(extra) + j
-            normal[:, k, l] = normal[:, l, k] = _squares_sum(column) if other is column else _product_sum(column, other, e.temp)
+            product = _squares_sum(column) if other is column else _product_sum(column, other, e.temp)
+            normal[:, k, l] = normal[:, l, k] = product
     # sum column * r = sum column y - A sum column h - s sum column
     gradient = torch.stack([row[2] - a * row[0] - (s * row[1] if settings.fit_sky else 0.0) for row in rows], 1)
     return normal, gradient
+
+
 # ---------------------------------------------------------------------------------------------
 # Bounds: shapes projected onto the allowed widths; centre and Sersic index kept in boxes
 
@@ -1011,7 +1014,8 @@ def _gaussian_start(y, settings):
     theta = _lowest_cost(candidates, coarse, grid, settings)
     shape = _shape_slice(settings)
     a, b, c = _inverse_2x2(*_precision(theta[:, shape]))
-    sxx, sxy, syy = _clip_eigenvalues(a - blur, b, c - blur, settings.width_bounds[0] ** 2, settings.width_bounds[1] ** 2)
+    low, high = settings.width_bounds
+    sxx, sxy, syy = _clip_eigenvalues(a - blur, b, c - blur, low ** 2, high ** 2)
     theta[:, shape.start + 2:shape.stop] = torch.stack(_cholesky_parameters(*_inverse_2x2(sxx, sxy, syy)), 1)
     return theta
 
