@@ -281,9 +281,13 @@ class Trainer:
         if resume:
             _check_same_data(self.paths, self.dataset)
         self._start_processes()
-        self.threads = configure_threads(self.config.threads, context)
-        self.device = choose_device(self.config.device, context)
-        self._build()
+        try:
+            self.threads = configure_threads(self.config.threads, context)
+            self.device = choose_device(self.config.device, context)
+            self._build()
+        except BaseException:
+            self.close()
+            raise
 
     # --- setup -------------------------------------------------------------------------------------
     def _resolve_config(self, config: TrainConfig, resume: bool, init) -> TrainConfig:
