@@ -156,6 +156,15 @@ def test_missing_or_damaged_runs_are_input_errors(tmp_path, trained):
         load_run(copy)
 
 
+def test_device_choice(trained):
+    assert load_run(trained[0], device="cpu").device == torch.device("cpu")
+    with pytest.raises(InputError, match="device must be"):
+        load_run(trained[0], device="abacus")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available"):
+            load_run(trained[0], device="cuda")
+
+
 def test_checkpoints_load_with_weights_only(trained):
     record = torch.load(trained[0] / "checkpoints" / "best.pt", weights_only=True)
     assert record["format"] == runs.CHECKPOINT_FORMAT and record["pixel_scaling"]["scale"] > 0

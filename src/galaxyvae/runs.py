@@ -184,9 +184,19 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None, chec
     checkpoint_path = paths.checkpoint(checkpoint)
     record = load_checkpoint(checkpoint_path)
     model = model_from_checkpoint(record, checkpoint_path)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return TrainedModel(model.to(torch.device(device)), config, paths.run_dir, data_path, int(record["epoch"]))
+    return TrainedModel(model.to(_inference_device(device)), config, paths.run_dir, data_path, int(record["epoch"]))
+
+
+def _inference_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"device must be cpu, cuda, cuda:N or auto, not {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {str(device)!r}: CUDA is not available on this machine")
+    return device
 
 
 class TrainedModel:
