@@ -116,16 +116,16 @@ def fit_gaussian(images, fit_sky: bool = False, *, max_iterations: int = 100,
     ``theta`` (radians in [0, pi), major axis from +x towards +y) and ``sky`` when fitted.
     These are astropy's ``Gaussian2D(amplitude, x0, y0, sigma_major, sigma_minor, theta)``.
     """
-    y = _as_batch(images)
-    settings = _Settings(
-        fit_sky=bool(fit_sky), max_iterations=_positive_int(max_iterations, "max_iterations"),
-        tolerance=float(tolerance), chunk_size=_positive_int(chunk_size, "chunk_size"),
-        width_bounds=_width_bounds(sigma_bounds, 10.0 * max(y.shape[1:]), "sigma_bounds"),
-        centre_margin=0.5 * max(y.shape[1:]))
-    with _cpu_threads(y.device):
+    with _cpu_threads(images):
+        y = _as_batch(images)
+        settings = _Settings(
+            fit_sky=bool(fit_sky), max_iterations=_positive_int(max_iterations, "max_iterations"),
+            tolerance=float(tolerance), chunk_size=_positive_int(chunk_size, "chunk_size"),
+            width_bounds=_width_bounds(sigma_bounds, 10.0 * max(y.shape[1:]), "sigma_bounds"),
+            centre_margin=0.5 * max(y.shape[1:]))
         parts = [_fit_gaussian_chunk(chunk, settings).with_float32_model()
                  for chunk in _chunks(y, settings.chunk_size)]
-    return _package("gaussian", y, parts, settings)
+        return _package("gaussian", y, parts, settings)
 
 
 def fit_sersic(images, fit_sky: bool = False, *, n_starts: tuple[float, ...] = SERSIC_STARTS,
@@ -154,7 +154,13 @@ def fit_sersic(images, fit_sky: bool = False, *, n_starts: tuple[float, ...] = S
     (radians in [0, pi)), ``flux`` (total, analytic, over the infinite plane) and ``sky``
     when fitted.
     """
-    y = _as_batch(images)
+    with _cpu_threads(images):
+        return _fit_sersic(_as_batch(images), fit_sky, n_starts, n_bounds, r_eff_bounds, max_iterations,
+                           tolerance, chunk_size)
+
+
+def _fit_sersic(y, fit_sky, n_starts, n_bounds, r_eff_bounds, max_iterations, tolerance, chunk_size):
+    """fit_sersic on the (N, H, W) tensor y, within the fitting thread setting."""
     low, high = (float(v) for v in n_bounds)
     if not 0 < low <= high:
         raise InputError(f"n_bounds must be 0 < min <= max, got {n_bounds!r}.")
@@ -171,9 +177,8 @@ def fit_sersic(images, fit_sky: bool = False, *, n_starts: tuple[float, ...] = S
     gaussian_settings = replace(
         settings, n_extra=0, log_n_bounds=(0.0, 0.0), max_iterations=100,
         width_bounds=tuple(w / _HALF_LIGHT_PER_SIGMA for w in settings.width_bounds))
-    with _cpu_threads(y.device):
-        parts = [_fit_sersic_chunk(chunk, starts, settings, gaussian_settings).with_float32_model()
-                 for chunk in _chunks(y, settings.chunk_size)]
+    parts = [_fit_sersic_chunk(chunk, starts, settings, gaussian_settings).with_float32_model()
+             for chunk in _chunks(y, settings.chunk_size)]
     return _package("sersic", y, parts, settings)
 
 
@@ -243,10 +248,13 @@ def _width_bounds(bounds, default_high: float, name: str) -> tuple[float, float]
 
 
 @contextlib.contextmanager
-def _cpu_threads(device: torch.device):
-    """Within the block, torch runs CPU kernels on CPU_THREADS threads (restored afterwards)."""
+def _cpu_threads(images):
+    """Within the block, torch runs CPU kernels on CPU_THREADS threads (restored afterwards),
+    unless ``images`` is a tensor on another device. It covers input checks and packaging too:
+    with a stalled second thread, those alone took a third of a fit's time."""
     previous = torch.get_num_threads()
-    if device.type != "cpu" or previous == CPU_THREADS:
+    on_cpu = not isinstance(images, torch.Tensor) or images.device.type == "cpu"
+    if not on_cpu or previous == CPU_THREADS:
         yield
         return
     torch.set_num_threads(CPU_THREADS)
