@@ -83,7 +83,6 @@ FIGURES = (
         "shaded side is where the VAE wins; the title gives the win fraction. Wide ranges are drawn on a "
         "symmetric-logarithmic axis (linear near zero, logarithmic beyond)."),
 )
-FIGURE_BY_NAME = {spec.name: spec for spec in FIGURES}
 
 
 # --- colour scales ---------------------------------------------------------------------------
@@ -553,7 +552,7 @@ def plot_differences(per_image: dict, baselines=BASELINE_NAMES, summary: dict | 
 
 def _difference_panel(ax, diff: np.ndarray, win_below_zero: bool, wins, interval, xlabel: str,
                       title: str) -> None:
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator, NullLocator
 
     wins = np.asarray(wins).astype(bool)
     finite = np.isfinite(diff)
@@ -568,7 +567,7 @@ def _difference_panel(ax, diff: np.ndarray, win_below_zero: bool, wins, interval
         ax.set_xscale("symlog", linthresh=linthresh, linscale=0.5)
         ticks = symlog_ticks(linthresh, top)
         ax.set_xticks(ticks, labels=[_power_label(t) for t in ticks])
-        ax.xaxis.set_minor_locator(_no_ticks())
+        ax.xaxis.set_minor_locator(NullLocator())
     else:
         top = largest * 1.05
         counts, _, _ = ax.hist(values, bins=np.linspace(-top, top, 41), color="tab:blue", edgecolor="white",
@@ -615,10 +614,6 @@ def _power_label(value: float) -> str:
     return f"${sign}{mantissa:.0f}\\times10^{{{exponent}}}$"
 
 
-def _no_ticks():
-    from matplotlib.ticker import NullLocator
-
-    return NullLocator()
 
 
 # --- a trained run's figures -----------------------------------------------------------------
