@@ -74,6 +74,14 @@ def test_report_is_redone_when_older_than_the_evaluation_or_a_figure(tmp_path):
     assert not pipeline.report_complete(paths)
 
 
+def test_out_must_be_a_folder(tmp_path, capsys):
+    from galaxyvae.cli import main
+
+    (tmp_path / "file").write_text("x")
+    assert main(["reproduce", "--quick", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
 def test_record_keeps_stage_times_across_invocations_and_refuses_another_plan(tmp_path):
     paths = paths_in(tmp_path / "out")
     record = pipeline.start_record(paths)

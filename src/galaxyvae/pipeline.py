@@ -103,6 +103,8 @@ def reproduce(out: str | Path, quick: bool = False, seed: int = 0, plan: Reprodu
     """
     plan = plan or (QUICK if quick else FULL)
     paths = Paths(out=Path(out), plan=plan, seed=seed)
+    if paths.out.exists() and not paths.out.is_dir():
+        raise InputError(f"--out {paths.out}: is a file, not a folder")
     paths.out.mkdir(parents=True, exist_ok=True)
     record = start_record(paths)
     stages = build_stages()
