@@ -466,10 +466,28 @@ def _powers(d, order: int):
 
 
 def _moments(weights, dx, dy, order: int):
-    """Sum over pixels of w * dy^b * dx^a, a, b <= order: weights (n, k, H, W) -> (n, k, o+1, o+1)."""
-    n, k, height, width = weights.shape
-    per_row = torch.bmm(weights.reshape(n, k * height, width), _powers(dx[:, 0, :], order))
-    return _powers(dy[:, :, 0], order).transpose(1, 2)[:, None] @ per_row.reshape(n, k, height, order + 1)
+    """Sum over pixels of w * dy^b * dx^a, a, b <= order: weights (n, k, H, W) -> (n, k, o+1, o+1).
+
+    dx (n, 1, W) and dy (n, H, 1) are one shared pixel grid shifted per image. The moments are
+    taken about the grid's own centre, with the same powers for every image (one matrix product
+    over all pixels, not a batch of small ones), then moved to each image's centre binomially.
+    """
+    shift_x, shift_y = dx[:, 0, :].mean(1), dy[:, :, 0].mean(1)
+    grid_x = _powers((dx[0, 0, :] - shift_x[0])[None], order)[0]              # (W, o+1)
+    grid_y = _powers((dy[0, :, 0] - shift_y[0])[None], order)[0]              # (H, o+1)
+    per_row = torch.nn.functional.linear(weights, grid_x.T.contiguous())      # (n, k, H, o+1)
+    about_grid = grid_y.T @ per_row                                           # (n, k, o+1, o+1)
+    to_x, to_y = _binomial_shift(shift_x, order), _binomial_shift(shift_y, order)
+    return to_y[:, None] @ about_grid @ to_x.transpose(1, 2)[:, None]
+
+
+def _binomial_shift(shift, order: int):
+    """T (n, o+1, o+1) with (d + shift)^a = sum_j T[a, j] d^j: T[a, j] = C(a, j) shift^(a - j)."""
+    a = torch.arange(order + 1, device=shift.device)
+    exponent = (a[:, None] - a[None, :]).clamp_min(0)
+    binomial = torch.tensor([[math.comb(i, j) for j in range(order + 1)] for i in range(order + 1)],
+                            dtype=shift.dtype, device=shift.device)
+    return binomial * shift[:, None, None] ** exponent
 
 
 def _product_sum(first, second, temp):
