@@ -29,6 +29,7 @@ over the Jacobian are moments of weighted images, so no (N, P, H*W) Jacobian is 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field, replace
@@ -483,11 +484,17 @@ def _moments(weights, dx, dy, order: int):
 
 def _binomial_shift(shift, order: int):
     """T (n, o+1, o+1) with (d + shift)^a = sum_j T[a, j] d^j: T[a, j] = C(a, j) shift^(a - j)."""
-    a = torch.arange(order + 1, device=shift.device)
-    exponent = (a[:, None] - a[None, :]).clamp_min(0)
-    binomial = torch.tensor([[math.comb(i, j) for j in range(order + 1)] for i in range(order + 1)],
-                            dtype=shift.dtype, device=shift.device)
+    binomial, exponent = _binomial_table(order, shift.dtype, shift.device)
     return binomial * shift[:, None, None] ** exponent
+
+
+@functools.lru_cache(maxsize=16)
+def _binomial_table(order: int, dtype, device):
+    """C(a, j) and the exponents a - j (clamped at 0), each (o+1, o+1), made once per order."""
+    a = torch.arange(order + 1, device=device)
+    binomial = torch.tensor([[math.comb(i, j) for j in range(order + 1)] for i in range(order + 1)],
+                            dtype=dtype, device=device)
+    return binomial, (a[:, None] - a[None, :]).clamp_min(0)
 
 
 def _product_sum(first, second, temp):
