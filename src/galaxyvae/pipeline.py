@@ -38,13 +38,13 @@ RECORD_NAME = "reproduce.json"
 @dataclass(frozen=True)
 class ReproducePlan:
     """The sizes of one reproduction. The defaults are the paper's experiment (43,444 training and
-    1,000 held-out galaxies, the paper's model and TrainConfig's batch size), with epochs chosen so
-    that training takes 10-12 minutes on a 2-core CPU (about 13,000 images/s compiled, measured on
-    2 busy cores: 3.3 s per epoch) and the whole command under 20 minutes."""
+    1,000 held-out galaxies, the paper's model and TrainConfig's batch size). 100 epochs: on the
+    default survey the held-out ELBO plateaus by then (measured on an H200, seed 0: 8,999 nats per
+    image at epoch 100, 8,995 at epoch 200), and they take about 6 minutes on 2 quiet CPU cores."""
 
     n_images: int = 44_444
     n_held_out: int = 1000
-    epochs: int = 200
+    epochs: int = 100
     batch_size: int = TrainConfig().batch_size
     importance_samples: int = 64
     max_tsne: int = 1000
