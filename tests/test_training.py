@@ -271,6 +271,12 @@ def test_bad_settings_are_input_errors(tmp_path, data):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_diverging_run_stops_with_a_clear_error(tmp_path, data):
+    with pytest.raises(training.TrainingDivergedError, match="lower --learning-rate"):
+        train(data, tmp_path / "run", tiny(learning_rate=1e12), progress=False)
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
 def test_bf16_and_several_samples_train_to_finite_elbos(tmp_path, data):
     run = train(data, tmp_path / "run", tiny(precision="bf16", mc_samples=3), progress=False)
     assert all(math.isfinite(float(r["held_out_elbo"])) for r in log_rows(run))

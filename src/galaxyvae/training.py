@@ -488,9 +488,10 @@ class Trainer:
         total = self._all_reduce(total)
         train_loss = float(total) / (steps * batch) - self.model.log_jacobian()
         if not math.isfinite(train_loss):
-            raise TrainingDivergedError(
-                f"the training loss became {train_loss} in epoch {epoch}; lower --learning-rate "
-                f"(now {config.learning_rate}); {self.paths.checkpoint('last')} keeps the last good epoch")
+            kept = (f"{self.paths.checkpoint('last')} keeps epoch {epoch - 1}" if epoch > 1
+                    else "no checkpoint was written")
+            raise TrainingDivergedError(f"the training loss became {train_loss} in epoch {epoch}; lower "
+                                        f"--learning-rate (now {config.learning_rate}); {kept}")
         return train_loss, steps * batch / seconds
 
     def _losses(self, x: torch.Tensor, noise: torch.Tensor, autocast) -> torch.Tensor:
