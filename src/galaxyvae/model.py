@@ -12,8 +12,8 @@ outputs pass through exponential nonlinearities of a softly bounded log-variance
 
 The network works on *scaled* pixels (``PixelScaling``: subtract a robust offset, divide by
 the sky-noise scale), fitted on the training split and stored with the weights as buffers.
-Every likelihood that leaves this module through ``*_data_units`` functions or
-``galaxyvae.runs`` is converted back to the data set's pixel units by the log-Jacobian.
+Every likelihood that leaves galaxyvae (``galaxyvae.runs``, the training log) is converted
+back to the data set's pixel units with the log-Jacobian ``GalaxyVAE.log_jacobian``.
 """
 
 from __future__ import annotations
