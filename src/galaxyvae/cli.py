@@ -83,7 +83,7 @@ def run_simulate(args) -> int:
     from galaxyvae.simulation import simulate_survey
 
     simulate_survey(args.out, n_images=args.n, n_held_out=args.held_out, seed=args.seed,
-                    workers=args.workers, overwrite=args.overwrite)
+                    workers=args.workers, overwrite=args.overwrite, progress=args.quiet == 0)
     return 0
 
 
@@ -197,7 +197,7 @@ def run_evaluate(args) -> int:
     from galaxyvae.evaluation import evaluate
 
     result = evaluate(args.run_dir, args.data, importance_samples=args.importance_samples, seed=args.seed,
-                      overwrite=args.overwrite, progress=args.progress, checkpoint=args.checkpoint)
+                      overwrite=args.overwrite, progress=args.progress and args.quiet == 0, checkpoint=args.checkpoint)
     print(result.table_markdown())
     log.info("wrote %s", ", ".join(str(p) for p in result.paths.values()))
     return 0
