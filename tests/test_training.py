@@ -299,3 +299,17 @@ def test_cli_reports_a_bad_data_set_in_one_line(tmp_path, capsys):
     assert main(["train", str(tmp_path / "missing.h5"), "--out", str(tmp_path / "run")]) == 2
     assert "missing.h5: no such data-set file" in capsys.readouterr().err
     assert issubclass(DatasetError, InputError)
+
+
+def test_cli_resume_keeps_the_runs_own_epochs_unless_more_are_asked_for(tmp_path):
+    data = write_blob_dataset(tmp_path / "d.h5", n=40, n_held_out=8)
+    run = tmp_path / "run"
+    small = ["--batch-size", "16", "--hidden", "16", "--compile", "off"]
+    assert main(["-q", "train", str(data), "--out", str(run), "--epochs", "2", *small]) == 0
+    assert main(["-q", "train", str(data), "--out", str(run), "--resume"]) == 0
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2
+    assert main(["-q", "train", str(data), "--out", str(run), "--resume", "--epochs", "3"]) == 0
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 3
+    with open(run / "log.csv") as f:
+        assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2", "3"]

@@ -166,10 +166,14 @@ def add_train(commands) -> None:
 
 
 def run_train(args) -> int:
-    from galaxyvae.config import TrainConfig, config_from_arguments
-    from galaxyvae.training import train
+    from galaxyvae.config import TrainConfig, config_from_arguments, given_arguments
+    from galaxyvae.training import resumed_config, train
 
-    run_dir = train(args.data, args.out, config_from_arguments(args, TrainConfig), resume=args.resume,
+    if args.resume:
+        config = resumed_config(args.out, **given_arguments(args, TrainConfig))
+    else:
+        config = config_from_arguments(args, TrainConfig)
+    run_dir = train(args.data, args.out, config, resume=args.resume,
                     init=args.init, progress=args.quiet == 0 and sys.stderr.isatty())
     log.info("trained: %s", run_dir)
     return 0

@@ -81,7 +81,8 @@ def _from_dict(cls, data: dict[str, Any]):
 def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """Add one ``--option`` per field of the dataclass ``cls`` (nested dataclasses flattened).
 
-    Booleans become ``--flag`` / ``--no-flag``; defaults and help come from the fields.
+    Booleans become ``--flag`` / ``--no-flag``; help shows the field's default. Options left out
+    parse as None, so ``given_arguments`` can tell a default from a value the user typed.
     """
     for f in fields(cls):
         if dataclasses.is_dataclass(f.default_factory):
@@ -89,7 +90,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
             continue
         option = "--" + f.name.replace("_", "-")
         default = f.default
-        kwargs = {"default": default, "help": f"{f.metadata.get('help', '')} (default: {default})"}
+        kwargs = {"default": None, "help": f"{f.metadata.get('help', '')} (default: {default})"}
         if isinstance(default, bool):
             parser.add_argument(option, action=argparse.BooleanOptionalAction, **kwargs)
         else:
@@ -97,11 +98,23 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def config_from_arguments(args: argparse.Namespace, cls):
-    """Build the dataclass ``cls`` from parsed arguments made by ``add_config_arguments``."""
+    """Build the dataclass ``cls`` from parsed arguments made by ``add_config_arguments``;
+    options not given take the field's default."""
     values = {}
     for f in fields(cls):
         if dataclasses.is_dataclass(f.default_factory):
             values[f.name] = config_from_arguments(args, f.default_factory)
-        else:
+        elif getattr(args, f.name) is not None:
             values[f.name] = getattr(args, f.name)
     return cls(**values)
+
+
+def given_arguments(args: argparse.Namespace, cls) -> dict[str, Any]:
+    """The settings of ``cls`` (nested ones flattened) that were given on the command line."""
+    given = {}
+    for f in fields(cls):
+        if dataclasses.is_dataclass(f.default_factory):
+            given.update(given_arguments(args, f.default_factory))
+        elif getattr(args, f.name) is not None:
+            given[f.name] = getattr(args, f.name)
+    return given

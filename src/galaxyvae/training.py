@@ -245,9 +245,10 @@ def train(
 
     data:     a galaxyvae data set (.h5) with non-empty training and held-out splits
     out:      the run directory; must not exist unless ``resume``
-    config:   TrainConfig (default: the paper's settings)
+    config:   TrainConfig (default: the paper's settings; with ``resume``, the run's own config.json)
     resume:   continue the run in ``out`` from its last checkpoint (its config.json wins, except
-              for epochs, device and threads); a run directory without a checkpoint starts over
+              for epochs, device and threads taken from ``config`` when one is given; see
+              ``resumed_config``); a run directory without a checkpoint starts over
     init:     a run directory whose best weights and pixel scaling start this run (fine-tuning)
     progress: show a progress bar (rank 0 only)
 
@@ -255,7 +256,7 @@ def train(
     overwritten then.
     """
     context = DistributedContext.from_env()
-    trainer = Trainer(Path(data), Path(out), config or TrainConfig(), resume, init, progress, context)
+    trainer = Trainer(Path(data), Path(out), config, resume, init, progress, context)
     try:
         trainer.run()
     finally:
@@ -263,10 +264,24 @@ def train(
     return trainer.paths.run_dir
 
 
+def resumed_config(out: str | Path, **settings) -> TrainConfig:
+    """The config of the run in ``out`` with the given execution settings (epochs, device,
+    threads) replaced, for ``train(..., resume=True)``; other settings are ignored with a warning,
+    since a resumed run keeps its own model and optimisation settings."""
+    paths = RunPaths(Path(out))
+    if not paths.config.is_file():
+        raise InputError(f"{out}: nothing to resume (no config.json; is it a run directory?)")
+    stored, _ = read_run_config(paths)
+    ignored = sorted(set(settings) - set(EXECUTION_SETTINGS))
+    if ignored:
+        log.warning("resuming %s with its own settings; ignoring the given %s", out, ", ".join(ignored))
+    return replace(stored, **{k: v for k, v in settings.items() if k in EXECUTION_SETTINGS})
+
+
 class Trainer:
     """One training run: its data on the device, model, optimizer, progress and run directory."""
 
-    def __init__(self, data: Path, out: Path, config: TrainConfig, resume: bool, init: str | Path | None,
+    def __init__(self, data: Path, out: Path, config: TrainConfig | None, resume: bool, init: str | Path | None,
                  progress: bool, context: DistributedContext):
         self.context = context
         self.paths = RunPaths(out)
@@ -290,7 +305,7 @@ class Trainer:
             raise
 
     # --- setup -------------------------------------------------------------------------------------
-    def _resolve_config(self, config: TrainConfig, resume: bool, init) -> TrainConfig:
+    def _resolve_config(self, config: TrainConfig | None, resume: bool, init) -> TrainConfig:
         run_dir = self.paths.run_dir
         if resume and init is not None:
             raise InputError("--init starts a new run and --resume continues one; give only one of them")
@@ -300,16 +315,18 @@ class Trainer:
                                      "or choose a new --out")
             if not run_dir.parent.is_dir():
                 raise InputError(f"cannot create {run_dir}: folder {run_dir.parent} does not exist")
-            return config
+            return config or TrainConfig()
         if not self.paths.config.is_file():
             raise InputError(f"{run_dir}: nothing to resume (no config.json; is it a run directory?)")
         stored, _ = read_run_config(self.paths)
+        if self.paths.checkpoint("last").is_file():
+            self.resume_record = load_checkpoint(self.paths.checkpoint("last"))
+        if config is None:
+            return stored
         ignored = [f for f in stored.to_dict() if f not in EXECUTION_SETTINGS
                    and getattr(stored, f) != getattr(config, f) and getattr(config, f) != getattr(TrainConfig(), f)]
         if ignored:
             log.warning("resuming %s with its own settings; ignoring the given %s", run_dir, ", ".join(ignored))
-        if self.paths.checkpoint("last").is_file():
-            self.resume_record = load_checkpoint(self.paths.checkpoint("last"))
         return replace(stored, **{f: getattr(config, f) for f in EXECUTION_SETTINGS})
 
     def _check_settings(self) -> None:
