@@ -10,8 +10,9 @@ import torch
 from galaxyvae import training
 from galaxyvae.cli import main
 from galaxyvae.config import ModelConfig, TrainConfig
-from galaxyvae.dataset import DatasetError, choose_held_out, write_dataset
+from galaxyvae.dataset import DatasetError, choose_held_out, read_dataset, write_dataset
 from galaxyvae.errors import InputError
+from galaxyvae.model import PixelScaling
 from galaxyvae.runs import LOG_COLUMNS, CheckpointError, load_checkpoint
 from galaxyvae.training import (
     DistributedContext, RunExistsError, batch_plan, choose_device, configure_threads, dihedral_indices, train,
@@ -192,18 +193,48 @@ def test_corrupt_or_foreign_checkpoints_are_refused_on_resume(tmp_path, data, co
     assert last.read_bytes() == before
 
 
-def test_init_starts_from_an_earlier_runs_weights_and_scaling(tmp_path, data):
-    first = train(data, tmp_path / "first", tiny(epochs=3), progress=False)
+def ten_times_brighter(tmp_path):
+    """A second data set in other pixel units (x10), as real data differ from the simulation."""
     other = tmp_path / "other.h5"
     write_dataset(other, 10.0 * gaussian_blobs(40, seed=5), choose_held_out(40, 8, 1),
                   attrs={"source": "t", "pixel_units": "x", "pixel_scale_arcsec": 0.4, "sky_subtracted": True})
+    return other
+
+
+def test_init_starts_from_an_earlier_runs_weights_in_the_new_datas_noise_units(tmp_path, data):
+    first = train(data, tmp_path / "first", tiny(epochs=3), progress=False)
+    other = ten_times_brighter(tmp_path)
     tuned = train(other, tmp_path / "tuned", tiny(epochs=1, learning_rate=1e-12), init=first, progress=False)
     start, end = weights(first, "best"), weights(tuned)
-    assert torch.equal(start["pixel_scale"], end["pixel_scale"])
-    assert all(torch.allclose(start[k], end[k], atol=1e-6) for k in start)   # a vanishing step moved nothing
+    networks = [k for k in start if k not in ("pixel_offset", "pixel_scale")]
+    assert all(torch.allclose(start[k], end[k], atol=1e-6) for k in networks)   # a vanishing step moved nothing
+    refitted = PixelScaling.fit(read_dataset(other, split="train").images)
+    assert float(end["pixel_scale"]) == pytest.approx(refitted.scale, rel=1e-12)
+    assert float(end["pixel_scale"]) == pytest.approx(10 * float(start["pixel_scale"]), rel=0.3)
     assert json.loads((tuned / "config.json").read_text())["init"] == str(first.resolve())
-    fresh = train(other, tmp_path / "fresh", tiny(epochs=1, learning_rate=1e-12), progress=False)
-    assert not torch.equal(weights(fresh)["pixel_scale"], end["pixel_scale"])
+
+
+@pytest.mark.parametrize("part, fixed, learning", [
+    ("decoder", ["decoder.", "decoder_head."], ["encoder.", "encoder_head."]),
+    ("encoder", ["encoder.", "encoder_head."], ["decoder.", "decoder_head."]),
+    ("decoder-body", ["decoder."], ["decoder_head.", "encoder."]),
+])
+def test_freeze_keeps_the_chosen_part_of_the_pretrained_model_fixed(tmp_path, data, part, fixed, learning):
+    first = train(data, tmp_path / "first", tiny(epochs=2), progress=False)
+    tuned = train(ten_times_brighter(tmp_path), tmp_path / "tuned", tiny(epochs=2, freeze=part),
+                  init=first, progress=False)
+    start, end = weights(first, "best"), weights(tuned)
+    for key in start:
+        if any(key.startswith(prefix) for prefix in fixed):
+            assert torch.equal(start[key], end[key]), key
+    moved = [key for key in start if any(key.startswith(prefix) for prefix in learning)]
+    assert moved and all(not torch.equal(start[k], end[k]) for k in moved)
+    assert json.loads((tuned / "config.json").read_text())["freeze"] == part
+
+
+def test_freeze_without_init_is_refused_naming_the_option(tmp_path, data, capsys):
+    assert main(["train", str(data), "--out", str(tmp_path / "run"), "--freeze", "decoder"]) == 2
+    assert "--freeze decoder" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 def test_init_and_resume_together_are_refused(tmp_path, data):

@@ -54,6 +54,10 @@ class TrainConfig:
         "choices": ["auto", "on", "off"]})
     threads: int = field(default=0, metadata={
         "help": "CPU threads per process; 0: OMP_NUM_THREADS if set, else the available cores"})
+    freeze: str = field(default="none", metadata={
+        "help": "with --init, weights kept fixed while fine-tuning: none, encoder (g), decoder (f), or "
+                "decoder-body (f's hidden layers; its output layer still learns)",
+        "choices": ["none", "encoder", "decoder", "decoder-body"]})
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -288,6 +288,7 @@ class Trainer:
         self.progress = progress and context.is_main
         self.process_group_started = False
         self.resume_record: dict[str, Any] | None = None
+        self._resuming = resume
         self.config = self._resolve_config(config, resume, init)
         self.init = Path(init).resolve() if init is not None else None
         self._check_settings()
@@ -342,6 +343,10 @@ class Trainer:
             raise InputError(f"precision must be fp32 or bf16, not {c.precision!r}")
         if c.compile not in ("auto", "on", "off"):
             raise InputError(f"compile must be auto, on or off, not {c.compile!r}")
+        if c.freeze not in FROZEN_PARTS:
+            raise InputError(f"freeze must be one of {', '.join(FROZEN_PARTS)}, not {c.freeze!r}")
+        if c.freeze != "none" and self.init is None and not self._resuming:
+            raise InputError(f"--freeze {c.freeze} keeps pretrained weights fixed, so it needs --init RUN_DIR")
 
     def _check_dataset(self) -> None:
         dataset, side = self.dataset, self.config.model.image_size
@@ -376,12 +381,13 @@ class Trainer:
         train_index = self.dataset.train_index
         sample = self.dataset.images[train_index[::max(1, len(train_index) // SCALING_SAMPLE)]]
         self.model, scaling = self._initial_model(sample)
+        freeze(self.model, config.freeze)
         self.model.to(self.device)
         self.data_info = data_record(self.dataset, scaling)
         self.train_x = self._to_device(self.dataset.train_index)
         self.held_out_x = self._to_device(self.dataset.held_out_index)
         self.dataset.images = np.empty((0,) + self.dataset.images.shape[1:], np.float32)  # keep only the device copies
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate,
+        self.optimizer = torch.optim.Adam(trainable_parameters(self.model), lr=config.learning_rate,
                                           **_fast_adam_options(self.device))
         self.epoch, self.step, self.history, self.best_elbo = 0, 0, [], -math.inf
         if self.resume_record is not None:
@@ -403,7 +409,13 @@ class Trainer:
         if self.config.model not in (init_model, ModelConfig()):
             raise InputError(f"--init {self.init}: its model ({init_model}) differs from the requested one")
         self.config = replace(self.config, model=init_model)
-        return model, model.scaling
+        # The transfer rule (docs/transfer.md): the network works in sky-noise units of the data it
+        # is trained on, so the scaling is refitted here rather than inherited from the init run.
+        scaling = PixelScaling.fit(scaling_sample)
+        log.info("--init %s: pixel scaling refitted on %s: offset %.6g, scale %.6g (was %.6g, %.6g)",
+                 self.init, self.dataset.path, scaling.offset, scaling.scale, model.scaling.offset, model.scaling.scale)
+        model.set_scaling(scaling)
+        return model, scaling
 
     def _to_device(self, index: np.ndarray) -> torch.Tensor:
         """The data set's images at ``index`` as (n, pixels) scaled float32 on the device, scaled
@@ -620,6 +632,27 @@ class Trainer:
 
             dist.destroy_process_group()
             self.process_group_started = False
+
+
+FROZEN_PARTS = {
+    "none": (),
+    "encoder": ("encoder", "encoder_head"),
+    "decoder": ("decoder", "decoder_head"),
+    "decoder-body": ("decoder",),
+}
+"""The submodules of ``GalaxyVAE`` that each ``--freeze`` choice keeps fixed."""
+
+
+def freeze(model: GalaxyVAE, part: str) -> None:
+    """Stop gradients into the submodules named by ``FROZEN_PARTS[part]`` (in place)."""
+    for name in FROZEN_PARTS[part]:
+        for parameter in getattr(model, name).parameters():
+            parameter.requires_grad_(False)
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters the optimizer updates: those not frozen."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def _fast_adam_options(device: torch.device) -> dict[str, bool]:
