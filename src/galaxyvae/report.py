@@ -115,8 +115,20 @@ def headline(evaluation: dict) -> str:
         f'lower pixel MSE than the Gaussian fit on <b>{percent(gaussian.get("mse_win_fraction"))}</b> of them '
         f'(paper: {percent(paper["mse_win_fraction"])}), and gives the pixels higher likelihood than the fit '
         f'with its best noise level on <b>{percent(gaussian.get("likelihood_win_fraction"))}</b> '
-        f'(paper: {percent(paper["likelihood_win_fraction"])}).</p>'
+        f'(paper: {percent(paper["likelihood_win_fraction"])}).{refined_headline(evaluation)}</p>'
     )
+
+
+def refined_headline(evaluation: dict) -> str:
+    """With per-image latent refinement in evaluation.json, one more sentence: its two numbers."""
+    refined = evaluation.get("refined") or {}
+    gaussian = refined.get("baselines", {}).get("gaussian")
+    if not gaussian:
+        return ""
+    return (f' With each image\'s z refined for its posterior ({html.escape(str(refined.get("steps", "?")))} '
+            f'optimiser steps), f_mu(z*) wins on {percent(gaussian.get("mse_win_fraction"))} (MSE) and '
+            f'{percent(gaussian.get("likelihood_win_fraction"))} (likelihood); the numbers above are the '
+            "paper's amortised f_mu(g_mu(x)).")
 
 
 def results_section(run_dir: Path, evaluation: dict) -> str:
@@ -139,6 +151,8 @@ def comparison_table(evaluation: dict) -> str:
     """Win fractions (with 95% intervals), mean and median MSE per baseline, the paper beside ours."""
     from galaxyvae.figures import BASELINE_LABELS
 
+    if evaluation.get("refined"):
+        return refined_comparison_table(evaluation)
     baselines = evaluation.get("baselines", {})
     paper = {**PAPER, **evaluation.get("paper", {})}
     vae = evaluation.get("vae", {})
@@ -160,6 +174,41 @@ def comparison_table(evaluation: dict) -> str:
     note = (f"<p>{html.escape(str(evaluation.get('n_images', '?')))} held-out images; 95% bootstrap intervals "
             "in brackets. MSE is the mean over pixels of the squared residual, in squared data units; the VAE "
             "reconstruction is f_mu(g_mu(x)).</p>")
+    return html_table(header, rows) + note
+
+
+def refined_comparison_table(evaluation: dict) -> str:
+    """The win fractions of the amortised f_mu(g_mu(x)) (the paper's definition) and of the
+    refined f_mu(z*) side by side, per baseline, with the paper's numbers."""
+    from galaxyvae.figures import BASELINE_LABELS
+
+    baselines = evaluation.get("baselines", {})
+    refined = evaluation["refined"]
+    paper = {**PAPER, **evaluation.get("paper", {})}
+    header = ["", "paper: VAE vs Gaussian fit"]
+    for name in baselines:
+        label = BASELINE_LABELS.get(name, name)
+        header += [f"ours vs {label} fit: amortised f_mu(g_mu(x))", f"ours vs {label} fit: refined f_mu(z*)"]
+    pairs = [(s, refined.get("baselines", {}).get(name, {})) for name, s in baselines.items()]
+    rows = [
+        [text, percent(paper[f"{kind}_win_fraction"])]
+        + [with_interval(s.get(f"{kind}_win_fraction"), s.get(f"{kind}_win_ci95")) for pair in pairs for s in pair]
+        for kind, text in (("mse", "images where the VAE has lower pixel MSE"),
+                           ("likelihood", "images where the VAE gives higher likelihood than N(x-hat, sigma^2 I) "
+                                          "for every sigma"))
+    ]
+    for key, text, show in (("mean_mse", "mean MSE of the fit", number),
+                            ("median_mse", "median MSE of the fit", number),
+                            ("fit_converged_fraction", "fits that converged", percent)):
+        rows.append([text, "—"] + [cell for s, _ in pairs for cell in (show(s.get(key)), "(same fit)")])
+    vae, better = evaluation.get("vae", {}), refined.get("vae", {})
+    note = (f"<p>{html.escape(str(evaluation.get('n_images', '?')))} held-out images; 95% bootstrap intervals in "
+            "brackets. Amortised: f_mu(g_mu(x)), the paper's definition. Refined: f_mu(z*), z* from "
+            f"{html.escape(str(refined.get('steps', '?')))} steps of Adam (learning rate "
+            f"{html.escape(str(refined.get('learning_rate', '?')))}) on log N(x; f_mu(z), f_sigma(z)) + "
+            "log N(z; 0, I) starting at g_mu(x). Mean / median MSE of the VAE: amortised "
+            f"{number(vae.get('mean_mse'))} / {number(vae.get('median_mse'))}, refined "
+            f"{number(better.get('mean_mse'))} / {number(better.get('median_mse'))} (squared data units).</p>")
     return html_table(header, rows) + note
 
 

@@ -42,6 +42,14 @@ over the epoch and held-out ELBO after it (both mean nats per image in data unit
 throughput and wall-clock seconds of the epoch."""
 INFERENCE_BATCH = 1024
 """Images per forward pass in the trained-model API."""
+REFINE_BATCH = 256
+"""Images whose latents ``refine_latents`` optimises together: bounds the memory autograd holds."""
+REFINE_LEARNING_RATE = 0.2
+"""Default Adam step size of ``refine_latents`` (z is in units of its prior's standard deviation).
+Measured on the simulated-survey and Hubble Deep Field runs: with SUGGESTED_REFINE_STEPS it stops
+on average within 0.03 nats of a per-image L-BFGS-polished optimum (docs/evaluation.md)."""
+SUGGESTED_REFINE_STEPS = 200
+"""Refinement steps that reach that optimum at REFINE_LEARNING_RATE (refinement is off by default)."""
 
 
 class CheckpointError(InputError):
@@ -185,6 +193,25 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None, chec
     record = load_checkpoint(checkpoint_path)
     model = model_from_checkpoint(record, checkpoint_path)
     return TrainedModel(model.to(_inference_device(device)), config, paths.run_dir, data_path, int(record["epoch"]))
+
+
+def check_refine_settings(steps, learning_rate, names: tuple[str, str] = ("steps", "learning_rate")
+                          ) -> tuple[int, float]:
+    """The settings of ``refine_latents`` as (int, float).
+
+    Raises InputError, naming the setting as ``names`` spell it (an argument or a CLI option),
+    unless steps is a whole number >= 0 and learning_rate a positive, finite number.
+    """
+    steps_name, rate_name = names
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+        raise InputError(f"{steps_name} must be a whole number of steps, 0 or more, not {steps!r}")
+    try:
+        rate = float(learning_rate)
+    except (TypeError, ValueError):
+        rate = math.nan
+    if not (rate > 0 and math.isfinite(rate)):
+        raise InputError(f"{rate_name} must be a positive, finite number, not {learning_rate!r}")
+    return int(steps), rate
 
 
 def _inference_device(device: str | torch.device | None) -> torch.device:
@@ -360,6 +387,71 @@ class TrainedModel:
             log_lik[:, j] = gaussian_log_density(scaled, mean, log_var).sum(-1).double()
         weights = log_lik + (log_prior - log_q).double()
         return torch.logsumexp(weights, dim=1) - math.log(k) + jacobian
+
+    # --- per-image latent refinement -------------------------------------------------------------
+    def log_posterior(self, images, z) -> np.ndarray:
+        """The unnormalised log posterior of z per image (N,), nats, data units:
+        ``log N(x; f_mu(z), diag f_sigma(z)) + log N(z; 0, I)`` for images (N, 69, 69) in data
+        units and latents z (N, d). This is the objective ``refine_latents`` maximises."""
+        images, z = self._images(images), self._latents(z)
+        if len(images) != len(z):
+            raise InputError(f"images and z: {len(images)} images but {len(z)} latents")
+        jacobian = self.model.log_jacobian()
+
+        def run(x, latents):
+            return self._scaled_log_posterior(self.model.scale(x), latents) + jacobian
+
+        return self._batches((images, z), run) if len(images) else np.empty(0)
+
+    def refine_latents(self, images, steps: int, learning_rate: float = REFINE_LEARNING_RATE) -> np.ndarray:
+        """Per-image MAP latents z* (N, d) float32, found by optimising from the encoder's g_mu(x).
+
+        images:        (N, 69, 69) in data units
+        steps:         Adam updates of each image's z; 0 returns g_mu(x) itself
+        learning_rate: Adam's step size, in units of z (whose prior is N(0, I))
+
+        Maximises ``log_posterior(x, z) = log N(x; f_mu(z), diag f_sigma(z)) + log N(z; 0, I)``
+        with the model's weights frozen. The images are optimised ``REFINE_BATCH`` at a time
+        as one (B, d) tensor; the objective is a sum of per-image terms and Adam's update is
+        elementwise, so each image's z follows exactly its own optimisation. Each image gets the
+        z with the highest objective seen along its path (g_mu(x) included), so its objective is
+        never below the amortised one. Deterministic: no random draws.
+        """
+        images = self._images(images)
+        steps, learning_rate = check_refine_settings(steps, learning_rate)
+        start = self.encode(images)[0]
+        if steps == 0 or len(images) == 0:
+            return start
+        parts = [self._refine_chunk(images[s:s + REFINE_BATCH], start[s:s + REFINE_BATCH], steps, learning_rate)
+                 for s in range(0, len(images), REFINE_BATCH)]
+        return np.concatenate(parts)
+
+    def _refine_chunk(self, images: np.ndarray, start: np.ndarray, steps: int, learning_rate: float) -> np.ndarray:
+        x = self.model.scale(torch.from_numpy(np.ascontiguousarray(images)).to(self.device))
+        z = torch.from_numpy(np.ascontiguousarray(start)).to(self.device).requires_grad_(True)
+        best_z = z.detach().clone()
+        best = torch.full((len(z),), -math.inf, dtype=torch.float64, device=self.device)
+        optimizer = torch.optim.Adam([z], lr=learning_rate)
+        for step in range(steps + 1):
+            with torch.enable_grad():
+                objective = self._scaled_log_posterior(x, z)
+                (gradient,) = torch.autograd.grad(objective.sum(), z)
+            with torch.no_grad():
+                improved = objective > best  # NaN never improves
+                best = torch.where(improved, objective, best)
+                best_z[improved] = z[improved]
+            if step == steps:
+                break
+            z.grad = -gradient  # Adam minimises
+            optimizer.step()
+        return best_z.cpu().numpy()
+
+    def _scaled_log_posterior(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log N(x; f_mu(z), f_sigma(z)) + log N(z; 0, I) in scaled pixel units: (B,) float64."""
+        mean, log_var = self.model.decode(z)
+        log_lik = gaussian_log_density(x, mean, log_var).double().sum(-1)
+        log_prior = -0.5 * (z.double().square() + math.log(2 * math.pi)).sum(-1)
+        return log_lik + log_prior
 
     @staticmethod
     def _empty_pair(n: int, shape) -> tuple[np.ndarray, np.ndarray]:
