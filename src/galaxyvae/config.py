@@ -18,7 +18,7 @@ class ModelConfig:
     layers of 128 ReLU units in both encoder g and decoder f.
 
     ``arch="conv"`` puts ``conv_layers`` stride-2 convolutions (``conv_channels`` channels,
-    doubling at each layer) before the hidden layers of g and their mirror image, transposed
+    doubling at each layer) before the hidden layers of g and their mirror image, upsampling
     convolutions, after those of f (see ``docs/model.md``); the conv settings are ignored by the MLP.
 
     The variance bounds guard the exponential output nonlinearities (see ``docs/model.md``);

@@ -12,7 +12,7 @@ outputs pass through exponential nonlinearities of a softly bounded log-variance
 
 With ``ModelConfig.arch="conv"`` (not in the paper), g starts with stride-2 convolutions
 (69 -> 35 -> 18 -> 9 pixels) before its hidden layers, and f ends with their mirror image,
-transposed convolutions back to the full image, whose last layer has two output channels: the
+upsampling convolutions back to the full image, whose last layer has two output channels: the
 per-pixel mean and the per-pixel log-variance. The likelihood, the posterior and the interface
 are the same for both architectures; both name their parts ``encoder``, ``encoder_head``
 (the layer giving g_mu, log g_sigma), ``decoder`` and ``decoder_head`` (the layer giving f_mu,
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from galaxyvae.config import ModelConfig
@@ -141,14 +142,41 @@ def feature_map_sides(image_size: int, conv_layers: int) -> list[int]:
     return sides
 
 
-def _downsampling(c_in: int, c_out: int) -> nn.Conv2d:
-    return nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1)
+_RESIZE_TAPS = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
+"""Which taps of a 3x3 kernel (columns) reach each tap of the equivalent 4-tap transposed kernel (rows)
+when a 2x nearest-neighbour upsampling precedes the 3x3 convolution (``ResizeConvolution``)."""
 
 
-def _upsampling(c_in: int, c_out: int, side_in: int, side_out: int) -> nn.ConvTranspose2d:
-    """The transposed convolution that undoes ``_downsampling`` of a side ``side_out`` into ``side_in``."""
-    return nn.ConvTranspose2d(c_in, c_out, kernel_size=3, stride=2, padding=1,
-                              output_padding=side_out - (2 * side_in - 1))
+class ResizeConvolution(nn.Module):
+    """2x nearest-neighbour upsampling, a 3x3 convolution (padding 1), and a crop to ``side_out``:
+    (B, c_in, s, s) -> (B, c_out, side_out, side_out), side_out in {2s - 1, 2s}.
+
+    Unlike a learned stride-2 transposed convolution, whose 3x3 kernel reaches alternate output
+    pixels through 1 or 2 taps per axis and so paints a checkerboard on smooth images, every
+    output pixel here sees a 2x2 neighbourhood with weights drawn from one kernel (Odena et al.
+    2016, "Deconvolution and checkerboard artifacts"). It is computed as one stride-2 transposed
+    convolution with a 4x4 kernel built from the 3x3 one, a quarter of the work of convolving the
+    upsampled image; parameters and initialisation are those of ``nn.Conv2d(c_in, c_out, 3)``.
+    """
+
+    def __init__(self, c_in: int, c_out: int, side_out: int):
+        super().__init__()
+        self.side_out = side_out
+        self.weight = nn.Parameter(torch.empty(c_out, c_in, 3, 3))
+        self.bias = nn.Parameter(torch.empty(c_out))
+        self.register_buffer("taps", torch.tensor(_RESIZE_TAPS), persistent=False)
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # as nn.Conv2d.reset_parameters
+        bound = 1 / math.sqrt(c_in * 9)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def transposed_kernel(self) -> torch.Tensor:
+        """The (c_in, c_out, 4, 4) kernel of the equivalent stride-2 transposed convolution."""
+        taps = self.taps.to(self.weight.dtype)
+        return torch.einsum("ai,bj,oqij->qoab", taps, taps, self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.conv_transpose2d(x, self.transposed_kernel(), self.bias, stride=2, padding=1)
+        return out[:, :, :self.side_out, :self.side_out]
 
 
 def _mlp_networks(config: ModelConfig) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
@@ -161,21 +189,22 @@ def _mlp_networks(config: ModelConfig) -> tuple[nn.Module, nn.Module, nn.Module,
 def _conv_networks(config: ModelConfig) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
     """Encoder: (B, pixels) -> (B, 1, S, S) -> stride-2 3x3 convolutions with ReLU -> flatten -> hidden
     layers; encoder head: a linear layer to (mean, log-variance) of z. Decoder: hidden layers -> a
-    linear layer to the smallest feature map -> transposed convolutions with ReLU; decoder head: the
-    last transposed convolution, to 2 channels (mean, log-variance) of side S."""
+    linear layer to the smallest feature map -> upsampling convolutions (``ResizeConvolution``)
+    with ReLU, back through the encoder's sides; decoder head: one more, to 2 channels (mean,
+    log-variance) of side S."""
     side, hidden = config.image_size, [config.hidden] * config.hidden_layers
     sides = feature_map_sides(side, config.conv_layers)
     channels = [1] + [config.conv_channels * 2 ** i for i in range(config.conv_layers)]
     smallest = (channels[-1], sides[-1], sides[-1])
     encoder: list[nn.Module] = [nn.Unflatten(1, (1, side, side))]
     for c_in, c_out in zip(channels[:-1], channels[1:]):
-        encoder += [_downsampling(c_in, c_out), nn.ReLU()]
+        encoder += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1), nn.ReLU()]
     encoder += [nn.Flatten(), *_mlp([math.prod(smallest)] + hidden)]
     decoder = [*_mlp([config.latent_dim] + hidden + [math.prod(smallest)]), nn.Unflatten(1, smallest)]
     for i in range(config.conv_layers - 1, 0, -1):
-        decoder += [_upsampling(channels[i + 1], channels[i], sides[i + 1], sides[i]), nn.ReLU()]
+        decoder += [ResizeConvolution(channels[i + 1], channels[i], sides[i]), nn.ReLU()]
     return (nn.Sequential(*encoder), nn.Linear(hidden[-1], 2 * config.latent_dim),
-            nn.Sequential(*decoder), _upsampling(channels[1], 2, sides[1], sides[0]))
+            nn.Sequential(*decoder), ResizeConvolution(channels[1], 2, sides[0]))
 
 
 def _check_config(config: ModelConfig) -> None:
