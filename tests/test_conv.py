@@ -2,6 +2,9 @@
 run directories as the paper's MLP."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,9 +17,10 @@ from galaxyvae.dataset import read_dataset
 from galaxyvae.errors import InputError
 from galaxyvae.evaluation import evaluate
 from galaxyvae.model import GalaxyVAE, PixelScaling, ResizeConvolution, count_parameters, feature_map_sides
-from galaxyvae.runs import RunPaths, TrainedModel, load_run
+from galaxyvae.runs import RunPaths, TrainedModel, load_checkpoint, load_run
 from galaxyvae.training import DistributedContext, Trainer, train
 from tests.helpers import write_blob_dataset
+from tests.test_distributed import free_port
 
 TINY = dict(arch="conv", conv_channels=4, hidden=16)
 TINY_TRAIN = dict(epochs=2, batch_size=8, compile="off", threads=1, device="cpu")
@@ -247,3 +251,21 @@ def test_a_briefly_trained_conv_fits_held_out_blobs_better_than_at_initialisatio
     assert trained.elbo(held_out, mc_samples=8).mean() > untrained.elbo(held_out, mc_samples=8).mean() + 5000
     mean_image_mse = float(((train_images.mean(0) - held_out) ** 2).mean())
     assert mse(trained) < 0.6 * mean_image_mse < mean_image_mse < mse(untrained)
+
+
+def test_two_gloo_processes_train_the_conv_like_one_process_seeing_the_whole_batch(tmp_path, blobs):
+    options = ["--arch", "conv", "--conv-channels", "4", "--hidden", "16", "--epochs", "2", "--batch-size", "8",
+               "--compile", "off", "--device", "cpu"]
+    port = free_port()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(port),
+               "-m", "galaxyvae.cli", "-q", "train", str(blobs), "--out", str(tmp_path / "ddp"), *options]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**env, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[:6000]
+    single = train(blobs, tmp_path / "single", TrainConfig(**TINY_TRAIN, model=ModelConfig(**TINY)), progress=False)
+    ddp, one = (load_checkpoint(run / "checkpoints" / "last.pt") for run in (tmp_path / "ddp", single))
+    assert ddp["world_size"] == 2 and ddp["step"] == one["step"]
+    for name, weight in one["model_state"].items():
+        difference = (ddp["model_state"][name] - weight).norm()
+        assert difference <= 1e-4 * weight.norm() + 1e-6, name
