@@ -80,7 +80,8 @@ def conv_parameter_count(side, latent_dim, channels, layers, hidden, hidden_laye
     flat = widths[-1] * sides[-1] ** 2
     encoder_dense = (flat * hidden + hidden) + (hidden_layers - 1) * (hidden * hidden + hidden)
     encoder_head = hidden * 2 * latent_dim + 2 * latent_dim
-    decoder_dense = (latent_dim * hidden + hidden) + (hidden_layers - 1) * (hidden * hidden + hidden) + (hidden * flat + flat)
+    decoder_dense = ((latent_dim * hidden + hidden) + (hidden_layers - 1) * (hidden * hidden + hidden)
+                     + (hidden * flat + flat))
     upsampling = sum((c_in * 9 + 1) * c_out for c_in, c_out in zip(widths[:1:-1], widths[-2:0:-1]))
     decoder_head = (widths[1] * 9 + 1) * 2
     return convs + encoder_dense + encoder_head + decoder_dense + upsampling + decoder_head

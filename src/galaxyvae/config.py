@@ -30,7 +30,8 @@ class ModelConfig:
     hidden: int = field(default=128, metadata={"help": "units per hidden layer"})
     hidden_layers: int = field(default=2, metadata={"help": "hidden layers in encoder and decoder"})
     arch: str = field(default="mlp", metadata={
-        "help": "mlp: the paper's perceptrons; conv: convolutions around the hidden layers", "choices": ["mlp", "conv"]})
+        "help": "mlp: the paper's perceptrons; conv: convolutions around the hidden layers",
+        "choices": ["mlp", "conv"]})
     conv_channels: int = field(default=16, metadata={
         "help": "channels of the first convolution of g (arch conv); each further layer doubles them"})
     conv_layers: int = field(default=3, metadata={
