@@ -1,9 +1,11 @@
-"""Training throughput of the paper's model against the machine's matrix-multiply limit, and the
-held-out ELBO each speed-up reaches, all measured in one run.
+"""Training throughput of the paper's model (and of the conv architecture) against the machine's
+matrix-multiply limit, and the held-out ELBO each speed-up reaches, all measured in one run.
 
     python benchmarks/bench_training.py                  # simulates 10,000 stamps first (about a minute)
     python benchmarks/bench_training.py --data survey.h5 --epochs 4
     python benchmarks/bench_training.py --quick          # 3,000 stamps, 2 epochs: a smoke test
+    python benchmarks/bench_training.py --data survey.h5 --arch mlp conv --variants eager,default
+                                                         # both architectures, ratios from one run
 
 What it prints:
 
@@ -11,13 +13,18 @@ What it prints:
    after every training run, so that each throughput is compared with the rate of its own moment
    (other processes sharing the CPU slow both alike).
 2. The floating-point work of one training step per image, counted as 3 x the forward pass's
-   matrix products (the usual convention; the input gradient of the first layer, which is not
-   needed, makes it 10 % more than the work actually done), and so the fp32 limit in images/s.
+   matrix products and convolutions (the usual convention; the input gradient of the first layer,
+   which is not needed, makes it 10 % more than the work actually done for the MLP), and so the
+   fp32 limit in images/s (convolutions with few channels run well below the rate of a square
+   matrix product, so the conv's fraction of that limit is low by nature).
 3. For each variant, images/s (median over epochs after the first, which includes compilation),
    its fraction of the fp32 limit, iterations/s, and the held-out ELBO after the same epochs with
    the same seed: a "straightforward" loop (DataLoader, torch.optim.Adam defaults, eager), then
    ``galaxyvae.training.train`` with compilation off, the default (compiled fp32), bf16 autocast,
    and other batch sizes (64: iterations/s beside the paper's ~200/s on a Tesla K20X).
+   ``--variants`` picks some of them (loop, eager, default, bf16, batch256, batch64).
+4. With ``--arch mlp conv``, the variants for each architecture (``--arch-settings`` are passed to
+   the conv's ModelConfig, e.g. ``conv_channels=8``) and the conv/MLP ratios of each variant.
 """
 
 from __future__ import annotations
@@ -33,9 +40,9 @@ from pathlib import Path
 
 import torch
 
-from galaxyvae.config import TrainConfig
+from galaxyvae.config import ModelConfig, TrainConfig
 from galaxyvae.dataset import read_dataset
-from galaxyvae.model import GalaxyVAE
+from galaxyvae.model import GalaxyVAE, ResizeConvolution, count_parameters
 from galaxyvae.runs import read_log
 from galaxyvae.training import DistributedContext, configure_threads, train
 
@@ -56,10 +63,31 @@ def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> fl
     return best
 
 
+def forward_macs(model: GalaxyVAE) -> int:
+    """Multiply-adds of one image's forward pass through the products and convolutions of the model
+    (a ``ResizeConvolution`` counted as the 4x4 stride-2 transposed convolution it runs)."""
+    macs = []
+
+    def count(module, inputs, output):
+        if isinstance(module, torch.nn.Linear):
+            macs.append(module.in_features * module.out_features)
+        elif isinstance(module, torch.nn.Conv2d):
+            macs.append(output[0].numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1])
+        elif isinstance(module, ResizeConvolution):
+            macs.append(inputs[0][0].numel() * module.weight.shape[0] * 16)
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    with torch.no_grad():
+        mean, _ = model.encode(torch.zeros(1, model.n_pixels))
+        model.decode(mean)
+    for hook in hooks:
+        hook.remove()
+    return sum(macs)
+
+
 def flops_per_image(model: GalaxyVAE) -> float:
     """3 x the forward pass's multiply-adds x 2 (FLOP per image per training step)."""
-    macs = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
-    return 3 * 2 * macs
+    return 3 * 2 * forward_macs(model)
 
 
 def straightforward_loop(data: Path, config: TrainConfig) -> tuple[float, float]:
@@ -111,79 +139,138 @@ def simulate(folder: Path, n_images: int) -> Path:
                            seed=0, progress=False)
 
 
+VARIANTS = ("loop", "eager", "default", "bf16", "batch256", "batch64")
+VARIANT_NAMES = {"loop": "straightforward loop, batch 128", "eager": "galaxyvae, eager fp32, batch 128",
+                 "default": "galaxyvae default: compiled fp32, batch 128",
+                 "bf16": "galaxyvae compiled + bf16 autocast, batch 128",
+                 "batch256": "galaxyvae compiled fp32, batch 256", "batch64": "galaxyvae compiled fp32, batch 64"}
+
+
+def variant_config(variant: str, base: TrainConfig) -> TrainConfig:
+    """The TrainConfig of a variant (the straightforward loop uses the eager one's settings)."""
+    changes = {"loop": {"compile": "off"}, "eager": {"compile": "off"}, "default": {},
+               "bf16": {"precision": "bf16"}, "batch256": {"batch_size": 256}, "batch64": {"batch_size": 64}}
+    return replace(base, **changes[variant])
+
+
+def parse_settings(pairs: list[str]) -> dict:
+    """``name=value`` strings -> ModelConfig settings of the field's type."""
+    types = {name: type(value) for name, value in ModelConfig().__dict__.items()}
+    settings = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in types:
+            raise SystemExit(f"--arch-settings: {name!r} is not a ModelConfig setting")
+        settings[name] = types[name](value)
+    return settings
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=None, help="data set (default: simulate one)")
     parser.add_argument("--n-images", type=int, default=10_000, help="stamps to simulate without --data")
     parser.add_argument("--epochs", type=int, default=4, help="epochs of every variant (>= 2)")
     parser.add_argument("--quick", action="store_true", help="3,000 stamps, 2 epochs")
+    parser.add_argument("--arch", nargs="+", choices=["mlp", "conv"], default=["mlp"],
+                        help="architectures to measure, in this order (default: mlp)")
+    parser.add_argument("--arch-settings", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="ModelConfig settings of the conv architecture, e.g. conv_channels=8")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.quick:
         args.n_images, args.epochs = 3000, 2
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    conv_settings = parse_settings(args.arch_settings)
     threads = configure_threads(0, DistributedContext())
     with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
         folder = Path(tmp)
         data = args.data or simulate(folder, args.n_images)
         n_train = int((~read_dataset(data).held_out).sum())
-        base = TrainConfig(epochs=args.epochs, device="cpu", compile="on")
-        work = flops_per_image(GalaxyVAE(base.model))
         print(f"torch {torch.__version__}, {threads} threads; data {data} ({n_train} training images), "
               f"{args.epochs} epochs per variant")
-        print(f"work per image per step: {work / 1e6:.2f} MFLOP (3 x forward)")
-        variants = [
-            ("straightforward loop, batch 128", None),
-            ("galaxyvae, eager fp32, batch 128", replace(base, compile="off")),
-            ("galaxyvae default: compiled fp32, batch 128", base),
-            ("galaxyvae compiled + bf16 autocast, batch 128", replace(base, precision="bf16")),
-            ("galaxyvae compiled fp32, batch 256", replace(base, batch_size=256)),
-            ("galaxyvae compiled fp32, batch 64", replace(base, batch_size=64)),
-        ]
         results = []
-        for name, config in variants:
-            before = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
-            if config is None:
-                rate, elbo = straightforward_loop(data, replace(base, compile="off"))
-                first = float("nan")
-            else:
-                rate, elbo, first = galaxyvae_run(data, config, folder, f"run{len(results)}")
-            after = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
-            fp32 = (before[0] + after[0]) / 2
-            bf16 = (before[1] + after[1]) / 2
-            batch = config.batch_size if config else 128
-            results.append({"variant": name, "images_per_s": rate, "iterations_per_s": rate / batch,
-                            "held_out_elbo": elbo, "first_epoch_s": first, "matmul_fp32_gflops": fp32,
-                            "matmul_bf16_gflops": bf16, "fp32_limit_images_per_s": fp32 * 1e9 / work,
-                            "fraction_of_fp32_limit": rate * work / (fp32 * 1e9)})
-            print(f"  {name}: {rate:,.0f} images/s", flush=True)
-        report(results, work)
+        for arch in args.arch:
+            model = ModelConfig(arch=arch, **(conv_settings if arch == "conv" else {}))
+            base = TrainConfig(epochs=args.epochs, device="cpu", compile="on", model=model)
+            network = GalaxyVAE(model)
+            work = flops_per_image(network)
+            print(f"{arch}: {count_parameters(network):,} parameters, work per image per step: "
+                  f"{work / 1e6:.2f} MFLOP (3 x forward)")
+            for variant in variants:
+                results.append(measure(arch, variant, variant_config(variant, base), data, folder, work, len(results)))
+                print(f"  {arch} {VARIANT_NAMES[variant]}: {results[-1]['images_per_s']:,.0f} images/s", flush=True)
+        report(results)
+        if len(args.arch) > 1:
+            compare_archs(results, args.arch)
         if args.json:
             args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 
-def report(results: list[dict], work: float) -> None:
-    reference = results[0]
-    default = results[2]
+def measure(arch: str, variant: str, config: TrainConfig, data: Path, folder: Path, work: float, number: int) -> dict:
+    """Run one variant between two pairs of matrix-multiply timings; its figures as a dict."""
+    before = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
+    if variant == "loop":
+        rate, elbo = straightforward_loop(data, config)
+        first = float("nan")
+    else:
+        rate, elbo, first = galaxyvae_run(data, config, folder, f"run{number}")
+    after = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
+    fp32, bf16 = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+    return {"arch": arch, "variant": variant, "name": VARIANT_NAMES[variant], "images_per_s": rate,
+            "iterations_per_s": rate / config.batch_size, "held_out_elbo": elbo, "first_epoch_s": first,
+            "matmul_fp32_gflops": fp32, "matmul_bf16_gflops": bf16, "mflop_per_image": work / 1e6,
+            "fp32_limit_images_per_s": fp32 * 1e9 / work, "fraction_of_fp32_limit": rate * work / (fp32 * 1e9)}
+
+
+def report(results: list[dict]) -> None:
+    """The table of all variants, with ratios to each architecture's straightforward loop and
+    ELBO differences to its default, where those were measured."""
     print()
-    print(f"{'variant':48s} {'images/s':>9s} {'it/s':>7s} {'of fp32 limit':>13s} {'vs loop':>8s} "
+    print(f"{'arch':4s} {'variant':46s} {'images/s':>9s} {'it/s':>7s} {'of fp32 limit':>13s} {'vs loop':>8s} "
           f"{'held-out ELBO':>14s} {'ELBO - default':>14s} {'matmul fp32/bf16':>17s}")
     for r in results:
-        print(f"{r['variant']:48s} {r['images_per_s']:9,.0f} {r['iterations_per_s']:7.1f} "
-              f"{r['fraction_of_fp32_limit']:12.0%} {r['images_per_s'] / reference['images_per_s']:7.2f}x "
-              f"{r['held_out_elbo']:14.1f} {r['held_out_elbo'] - default['held_out_elbo']:+14.1f} "
+        own = {o["variant"]: o for o in results if o["arch"] == r["arch"]}
+        vs_loop = f"{r['images_per_s'] / own['loop']['images_per_s']:7.2f}x" if "loop" in own else f"{'-':>8s}"
+        vs_default = (f"{r['held_out_elbo'] - own['default']['held_out_elbo']:+14.1f}" if "default" in own
+                      else f"{'-':>14s}")
+        print(f"{r['arch']:4s} {r['name']:46s} {r['images_per_s']:9,.0f} {r['iterations_per_s']:7.1f} "
+              f"{r['fraction_of_fp32_limit']:12.0%} {vs_loop} {r['held_out_elbo']:14.1f} {vs_default} "
               f"{r['matmul_fp32_gflops']:7.0f}/{r['matmul_bf16_gflops']:<7.0f}")
-    batch64 = results[-1]
-    print(f"\nbatch 64: {batch64['iterations_per_s']:.0f} iterations/s here vs the paper's ~"
-          f"{PAPER_ITERATIONS_PER_S:.0f}/s on a Tesla K20X ({batch64['iterations_per_s'] / PAPER_ITERATIONS_PER_S:.2f}x)")
-    print(f"default vs straightforward loop: {default['images_per_s'] / reference['images_per_s']:.2f}x; "
-          f"default at {default['fraction_of_fp32_limit']:.0%} of the fp32 limit "
-          f"({default['fp32_limit_images_per_s']:,.0f} images/s at {default['matmul_fp32_gflops']:.0f} GFLOP/s, "
-          f"{work / 1e6:.2f} MFLOP per image)")
-    print(f"first epoch of the default (includes torch.compile): {default['first_epoch_s']:.1f} s")
+    for arch in dict.fromkeys(r["arch"] for r in results):
+        own = {o["variant"]: o for o in results if o["arch"] == arch}
+        if "batch64" in own:
+            it = own["batch64"]["iterations_per_s"]
+            print(f"\n{arch} batch 64: {it:.0f} iterations/s here vs the paper's ~{PAPER_ITERATIONS_PER_S:.0f}/s "
+                  f"on a Tesla K20X ({it / PAPER_ITERATIONS_PER_S:.2f}x)")
+        if "default" in own:
+            default = own["default"]
+            if "loop" in own:
+                print(f"{arch} default vs straightforward loop: "
+                      f"{default['images_per_s'] / own['loop']['images_per_s']:.2f}x")
+            print(f"{arch} default at {default['fraction_of_fp32_limit']:.0%} of the fp32 limit "
+                  f"({default['fp32_limit_images_per_s']:,.0f} images/s at {default['matmul_fp32_gflops']:.0f} "
+                  f"GFLOP/s, {default['mflop_per_image']:.2f} MFLOP per image); first epoch (includes "
+                  f"torch.compile): {default['first_epoch_s']:.1f} s")
     print("held-out ELBO: eager and compiled fp32 should agree to about 0.1 nats; bf16 and other batch sizes "
           "change the arithmetic or the number of steps, and early in training the held-out ELBO moves by "
           "hundreds of nats from epoch to epoch")
+
+
+def compare_archs(results: list[dict], archs: list[str]) -> None:
+    """Each variant's images/s and held-out ELBO of the later architectures against the first."""
+    first = {r["variant"]: r for r in results if r["arch"] == archs[0]}
+    print()
+    for arch in archs[1:]:
+        for r in (r for r in results if r["arch"] == arch and r["variant"] in first):
+            other = first[r["variant"]]
+            print(f"{arch} / {archs[0]}, {r['name']}: {r['images_per_s'] / other['images_per_s']:.2f}x the "
+                  f"images/s, held-out ELBO {r['held_out_elbo'] - other['held_out_elbo']:+.1f} nats per image")
 
 
 if __name__ == "__main__":

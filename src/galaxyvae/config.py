@@ -17,6 +17,10 @@ class ModelConfig:
     """Shape of the VAE. Defaults are the paper's: 69x69 pixels, z 8-dimensional, two hidden
     layers of 128 ReLU units in both encoder g and decoder f.
 
+    ``arch="conv"`` puts ``conv_layers`` stride-2 convolutions (``conv_channels`` channels,
+    doubling at each layer) before the hidden layers of g and their mirror image, upsampling
+    convolutions, after those of f (see ``docs/model.md``); the conv settings are ignored by the MLP.
+
     The variance bounds guard the exponential output nonlinearities (see ``docs/model.md``);
     they are in units of the scaled pixels, where 1 is the sky-noise variance.
     """
@@ -25,7 +29,13 @@ class ModelConfig:
     latent_dim: int = field(default=8, metadata={"help": "dimension of z"})
     hidden: int = field(default=128, metadata={"help": "units per hidden layer"})
     hidden_layers: int = field(default=2, metadata={"help": "hidden layers in encoder and decoder"})
-    arch: str = field(default="mlp", metadata={"help": "architecture", "choices": ["mlp"]})
+    arch: str = field(default="mlp", metadata={
+        "help": "mlp: the paper's perceptrons; conv: convolutions around the hidden layers",
+        "choices": ["mlp", "conv"]})
+    conv_channels: int = field(default=16, metadata={
+        "help": "channels of the first convolution of g (arch conv); each further layer doubles them"})
+    conv_layers: int = field(default=3, metadata={
+        "help": "stride-2 convolutions in g, mirrored in f (arch conv); 3 halve 69 pixels to 35, 18, 9"})
     pixel_variance_min: float = field(
         default=1e-4, metadata={"help": "soft floor of the per-pixel variance f_sigma, in sky-noise variances"})
     pixel_variance_max: float = field(

@@ -10,6 +10,14 @@ multilayer perceptrons (two hidden layers of 128 ReLU units by default); the two
 outputs pass through exponential nonlinearities of a softly bounded log-variance (see
 ``bounded_log_variance``), so that the loss is finite for any finite input.
 
+With ``ModelConfig.arch="conv"`` (not in the paper), g starts with stride-2 convolutions
+(69 -> 35 -> 18 -> 9 pixels) before its hidden layers, and f ends with their mirror image,
+upsampling convolutions back to the full image, whose last layer has two output channels: the
+per-pixel mean and the per-pixel log-variance. The likelihood, the posterior and the interface
+are the same for both architectures; both name their parts ``encoder``, ``encoder_head``
+(the layer giving g_mu, log g_sigma), ``decoder`` and ``decoder_head`` (the layer giving f_mu,
+log f_sigma).
+
 The network works on *scaled* pixels (``PixelScaling``: subtract a robust offset, divide by
 the sky-noise scale), fitted on the training split and stored with the weights as buffers.
 Every likelihood that leaves galaxyvae (``galaxyvae.runs``, the training log) is converted
@@ -23,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from galaxyvae.config import ModelConfig
@@ -114,40 +123,131 @@ def _full_precision(outputs: torch.Tensor) -> torch.Tensor:
     return outputs.float() if outputs.dtype in (torch.bfloat16, torch.float16) else outputs
 
 
-def _mlp(sizes: list[int]) -> nn.Sequential:
+def _mlp(sizes: list[int]) -> list[nn.Module]:
     layers: list[nn.Module] = []
     for n_in, n_out in zip(sizes[:-1], sizes[1:]):
         layers += [nn.Linear(n_in, n_out), nn.ReLU()]
-    return nn.Sequential(*layers)
+    return layers
+
+
+def feature_map_sides(image_size: int, conv_layers: int) -> list[int]:
+    """Sides in pixels of the conv encoder's feature maps, input first: ``conv_layers + 1`` numbers.
+
+    A 3x3 convolution with stride 2 and padding 1 maps a side s to ceil(s / 2): 69, 35, 18, 9.
+    The decoder retraces them in reverse.
+    """
+    sides = [image_size]
+    for _ in range(conv_layers):
+        sides.append((sides[-1] + 1) // 2)
+    return sides
+
+
+_RESIZE_TAPS = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
+"""Which taps of a 3x3 kernel (columns) reach each tap of the equivalent 4-tap transposed kernel (rows)
+when a 2x nearest-neighbour upsampling precedes the 3x3 convolution (``ResizeConvolution``)."""
+
+
+class ResizeConvolution(nn.Module):
+    """2x nearest-neighbour upsampling, a 3x3 convolution (padding 1), and a crop to ``side_out``:
+    (B, c_in, s, s) -> (B, c_out, side_out, side_out), side_out in {2s - 1, 2s}.
+
+    Unlike a learned stride-2 transposed convolution, whose 3x3 kernel reaches alternate output
+    pixels through 1 or 2 taps per axis and so paints a checkerboard on smooth images, every
+    output pixel here sees a 2x2 neighbourhood with weights drawn from one kernel (Odena et al.
+    2016, "Deconvolution and checkerboard artifacts"). It is computed as one stride-2 transposed
+    convolution with a 4x4 kernel built from the 3x3 one, a quarter of the work of convolving the
+    upsampled image; parameters and initialisation are those of ``nn.Conv2d(c_in, c_out, 3)``.
+    """
+
+    def __init__(self, c_in: int, c_out: int, side_out: int):
+        super().__init__()
+        self.side_out = side_out
+        self.weight = nn.Parameter(torch.empty(c_out, c_in, 3, 3))
+        self.bias = nn.Parameter(torch.empty(c_out))
+        self.register_buffer("taps", torch.tensor(_RESIZE_TAPS), persistent=False)
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # as nn.Conv2d.reset_parameters
+        bound = 1 / math.sqrt(c_in * 9)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def transposed_kernel(self) -> torch.Tensor:
+        """The (c_in, c_out, 4, 4) kernel of the equivalent stride-2 transposed convolution."""
+        taps = self.taps.to(self.weight.dtype)
+        return torch.einsum("ai,bj,oqij->qoab", taps, taps, self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.conv_transpose2d(x, self.transposed_kernel(), self.bias, stride=2, padding=1)
+        return out[:, :, :self.side_out, :self.side_out]
+
+
+def _mlp_networks(config: ModelConfig) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+    """The paper's encoder, encoder head, decoder and decoder head."""
+    n_pixels, hidden = config.image_size ** 2, [config.hidden] * config.hidden_layers
+    return (nn.Sequential(*_mlp([n_pixels] + hidden)), nn.Linear(hidden[-1], 2 * config.latent_dim),
+            nn.Sequential(*_mlp([config.latent_dim] + hidden)), nn.Linear(hidden[-1], 2 * n_pixels))
+
+
+def _conv_networks(config: ModelConfig) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+    """Encoder: (B, pixels) -> (B, 1, S, S) -> stride-2 3x3 convolutions with ReLU -> flatten -> hidden
+    layers; encoder head: a linear layer to (mean, log-variance) of z. Decoder: hidden layers -> a
+    linear layer to the smallest feature map -> upsampling convolutions (``ResizeConvolution``)
+    with ReLU, back through the encoder's sides; decoder head: one more, to 2 channels (mean,
+    log-variance) of side S."""
+    side, hidden = config.image_size, [config.hidden] * config.hidden_layers
+    sides = feature_map_sides(side, config.conv_layers)
+    channels = [1] + [config.conv_channels * 2 ** i for i in range(config.conv_layers)]
+    smallest = (channels[-1], sides[-1], sides[-1])
+    encoder: list[nn.Module] = [nn.Unflatten(1, (1, side, side))]
+    for c_in, c_out in zip(channels[:-1], channels[1:]):
+        encoder += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1), nn.ReLU()]
+    encoder += [nn.Flatten(), *_mlp([math.prod(smallest)] + hidden)]
+    decoder = [*_mlp([config.latent_dim] + hidden + [math.prod(smallest)]), nn.Unflatten(1, smallest)]
+    for i in range(config.conv_layers - 1, 0, -1):
+        decoder += [ResizeConvolution(channels[i + 1], channels[i], sides[i]), nn.ReLU()]
+    return (nn.Sequential(*encoder), nn.Linear(hidden[-1], 2 * config.latent_dim),
+            nn.Sequential(*decoder), ResizeConvolution(channels[1], 2, sides[0]))
+
+
+def _check_config(config: ModelConfig) -> None:
+    if config.arch not in ("mlp", "conv"):
+        raise InputError(f"model arch must be 'mlp' or 'conv', not {config.arch!r}")
+    sizes = ("image_size", "latent_dim", "hidden", "hidden_layers")
+    for name in sizes + (("conv_channels", "conv_layers") if config.arch == "conv" else ()):
+        if getattr(config, name) < 1:
+            raise InputError(f"model {name} must be at least 1, not {getattr(config, name)}")
+    if config.arch == "conv":
+        useful = feature_map_sides(config.image_size, config.image_size).index(1)
+        if useful == 0:
+            raise InputError("model arch conv needs images of at least 2 x 2 pixels, not 1 x 1")
+        if config.conv_layers > useful:
+            raise InputError(f"model conv_layers must be at most {useful} for {config.image_size}-pixel images "
+                             f"(each stride-2 convolution halves the side; {useful} leave 1 pixel), "
+                             f"not {config.conv_layers}")
+    for what in ("pixel", "latent"):
+        low, high = getattr(config, f"{what}_variance_min"), getattr(config, f"{what}_variance_max")
+        if not 0 < low < high < math.inf:
+            raise InputError(f"model {what} variance bounds must satisfy 0 < min < max, got {low}, {high}")
 
 
 class GalaxyVAE(nn.Module):
     """Encoder g: pixels -> (g_mu, g_sigma); decoder f: z -> (f_mu, f_sigma), per-pixel.
 
-    Images enter as flattened, scaled pixels ``x: (B, n_pixels)`` float32 (see ``scale``). The
-    pixel scaling is held in the buffers ``pixel_offset`` and ``pixel_scale`` and saved with the
+    Images enter as flattened, scaled pixels ``x: (B, n_pixels)`` float32 (see ``scale``), whatever
+    the architecture (the conv one reshapes them to (B, 1, S, S) inside ``encoder``). The pixel
+    scaling is held in the buffers ``pixel_offset`` and ``pixel_scale`` and saved with the
     weights. Outputs are in scaled units unless a method says "data units".
+
+    Parts (the same names for both architectures, so that freezing "the encoder" means the same):
+    ``encoder`` and ``encoder_head`` form g, ``decoder`` and ``decoder_head`` form f.
     """
 
     def __init__(self, config: ModelConfig | None = None, scaling: PixelScaling | None = None):
         super().__init__()
         self.config = config = config or ModelConfig()
-        if config.arch != "mlp":
-            raise InputError(f"model arch: only 'mlp' is implemented, not {config.arch!r}")
-        for name in ("image_size", "latent_dim", "hidden", "hidden_layers"):
-            if getattr(config, name) < 1:
-                raise InputError(f"model {name} must be at least 1, not {getattr(config, name)}")
-        for what in ("pixel", "latent"):
-            low, high = getattr(config, f"{what}_variance_min"), getattr(config, f"{what}_variance_max")
-            if not 0 < low < high < math.inf:
-                raise InputError(f"model {what} variance bounds must satisfy 0 < min < max, got {low}, {high}")
+        _check_config(config)
         self.n_pixels = config.image_size ** 2
         self.latent_dim = config.latent_dim
-        hidden = [config.hidden] * config.hidden_layers
-        self.encoder = _mlp([self.n_pixels] + hidden)
-        self.encoder_head = nn.Linear(hidden[-1], 2 * config.latent_dim)
-        self.decoder = _mlp([config.latent_dim] + hidden)
-        self.decoder_head = nn.Linear(hidden[-1], 2 * self.n_pixels)
+        networks = _conv_networks(config) if config.arch == "conv" else _mlp_networks(config)
+        self.encoder, self.encoder_head, self.decoder, self.decoder_head = networks
         self.pixel_log_var_bounds = (math.log(config.pixel_variance_min), math.log(config.pixel_variance_max))
         self.latent_log_var_bounds = (math.log(config.latent_variance_min), math.log(config.latent_variance_max))
         scaling = scaling or PixelScaling(0.0, 1.0)
@@ -192,7 +292,8 @@ class GalaxyVAE(nn.Module):
 
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents (B, latent_dim) -> f_mu and log f_sigma in scaled units, each (B, n_pixels)."""
-        mean, raw = _full_precision(self.decoder_head(self.decoder(z))).chunk(2, dim=-1)
+        # The conv head's (B, 2, S, S) flattens to the MLP head's layout: all means, then all log-variances.
+        mean, raw = _full_precision(self.decoder_head(self.decoder(z)).flatten(1)).chunk(2, dim=-1)
         return mean, bounded_log_variance(raw, *self.pixel_log_var_bounds)
 
     # --- the objective --------------------------------------------------------------------------

@@ -427,7 +427,8 @@ class Trainer:
         return scaled
 
     def _restore(self, record: dict[str, Any]) -> None:
-        if record.get("model_config") != self.config.model.__dict__:
+        # Settings added since the checkpoint was written (e.g. conv_channels) take their defaults, as in load_run.
+        if {**ModelConfig().__dict__, **record.get("model_config", {})} != self.config.model.__dict__:
             raise InputError(f"{self.paths.checkpoint('last')}: its model differs from the run's config.json")
         self.model.load_state_dict(record["model_state"])
         self.optimizer.load_state_dict(record["optimizer_state"])
