@@ -266,7 +266,7 @@ def add_morphology(commands) -> None:
                                  "of samples from trained runs")
     p.add_argument("data", nargs="*", type=str, metavar="DATA.h5",
                    help="data sets, each PATH (named by its stem) or NAME=PATH; up to --n random images of each")
-    p.add_argument("--run", action="append", default=[], metavar="RUN_DIR",
+    p.add_argument("--run", dest="runs", action="append", default=[], metavar="RUN_DIR",
                    help="a run directory (or NAME=RUN_DIR) whose model draws --n noisy samples; repeatable")
     p.add_argument("--out", type=Path, required=True,
                    help="folder for morphology.png, morphology.md, morphology.csv, morphology_per_image.csv")
@@ -284,7 +284,7 @@ def add_morphology(commands) -> None:
 def run_morphology(args) -> int:
     from galaxyvae.morphology import morphology_report
 
-    comparison = morphology_report(args.data, args.run, args.out, n=args.n, seed=args.seed, overwrite=args.overwrite,
+    comparison = morphology_report(args.data, args.runs, args.out, n=args.n, seed=args.seed, overwrite=args.overwrite,
                                    reference=args.reference, by_family=args.by_family, checkpoint=args.checkpoint,
                                    progress=args.quiet == 0 and sys.stderr.isatty())
     print(comparison.paths["morphology.md"].read_text(encoding="utf-8"))

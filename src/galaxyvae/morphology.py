@@ -91,6 +91,10 @@ class MorphologyConfig:
     """statmorph's first try at an empty sky box (it halves it until one fits); 69-pixel stamps are small."""
     max_flag: int = 1
     """Largest statmorph flag still accepted (0 good, 1 suspect, 2 bad, 4 catastrophic)."""
+    outlier_sigma: float = 0.0
+    """statmorph's cosmic-ray rejection (Lotz et al. 2004: a pixel this many sigma of its 8 neighbours
+    away from their mean is masked); 0 turns it off. Off by default: these stamps have no cosmic rays,
+    and at high S/N it masks the peak pixel of a cuspy galaxy (then statmorph flags it 2)."""
 
     def __post_init__(self):
         if self.scaling not in ("sample", "image"):
@@ -275,7 +279,8 @@ def _statmorph(scaled: np.ndarray, segmentation: Segmentation, config: Morpholog
         warnings.simplefilter("ignore", RuntimeWarning)
         return statmorph.SourceMorphology(
             np.ascontiguousarray(scaled), segmentation.central.astype(np.int32), 1,
-            mask=segmentation.neighbours, weightmap=np.ones_like(scaled), skybox_size=config.skybox_size)
+            mask=segmentation.neighbours, weightmap=np.ones_like(scaled), skybox_size=config.skybox_size,
+            n_sigma_outlier=config.outlier_sigma)
 
 
 def measure_morphology(images: np.ndarray, config: MorphologyConfig | None = None,
@@ -326,7 +331,8 @@ def _progress(items, enabled: bool):
 @dataclass
 class SampleSummary:
     """Per-quantity median, 16th and 84th percentiles over the measured images of one sample, the
-    failure count, and the two-sample KS statistic (and p-value) against the reference sample."""
+    failure count, and the two-sample KS statistic (and p-value) against the reference sample and,
+    if it has one, against its paired sample (a model's samples against its training data)."""
 
     name: str
     n_images: int
@@ -337,15 +343,20 @@ class SampleSummary:
     p84: dict[str, float] = field(default_factory=dict)
     ks: dict[str, float] = field(default_factory=dict)
     ks_p: dict[str, float] = field(default_factory=dict)
+    paired_with: str = ""
+    ks_pair: dict[str, float] = field(default_factory=dict)
+    ks_pair_p: dict[str, float] = field(default_factory=dict)
 
     @property
     def failure_fraction(self) -> float:
         return self.n_failed / self.n_images if self.n_images else float("nan")
 
 
-def summarize_sample(name: str, result: MorphologyResult, reference: MorphologyResult | None) -> SampleSummary:
-    """Median and 16-84% range of each quantity over the finite values; KS distance to ``reference``."""
-    summary = SampleSummary(name, len(result), result.n_failed)
+def summarize_sample(name: str, result: MorphologyResult, reference: MorphologyResult | None,
+                     pair: tuple[str, MorphologyResult] | None = None) -> SampleSummary:
+    """Median and 16-84% range of each quantity over the finite values; KS distance to ``reference``
+    and to the paired sample ``pair`` = (name, result) if given."""
+    summary = SampleSummary(name, len(result), result.n_failed, paired_with=pair[0] if pair else "")
     for quantity in QUANTITIES:
         values = _finite(result.values[quantity])
         low, mid, high = np.percentile(values, [16, 50, 84]) if values.size else (np.nan,) * 3
@@ -353,6 +364,8 @@ def summarize_sample(name: str, result: MorphologyResult, reference: MorphologyR
         summary.mean[quantity] = float(values.mean()) if values.size else float("nan")
         summary.ks[quantity], summary.ks_p[quantity] = ks_distance(result.values[quantity],
                                                                   None if reference is None else reference.values[quantity])
+        summary.ks_pair[quantity], summary.ks_pair_p[quantity] = ks_distance(
+            result.values[quantity], pair[1].values[quantity] if pair else None)
     return summary
 
 
@@ -391,8 +404,8 @@ class Comparison:
 
 def compare_morphology(samples: dict[str, np.ndarray], out_dir: str | Path, overwrite: bool = False,
                        reference: str | None = None, families: dict[str, np.ndarray] | None = None,
-                       config: MorphologyConfig | None = None, progress: bool = False,
-                       notes: dict[str, str] | None = None) -> Comparison:
+                       pairs: dict[str, str] | None = None, config: MorphologyConfig | None = None,
+                       progress: bool = False, notes: dict[str, str] | None = None) -> Comparison:
     """Measure each sample and write a figure and tables comparing them.
 
     samples:   name -> images (N, S, S) in that sample's own pixel units (each is scaled alone)
@@ -403,6 +416,8 @@ def compare_morphology(samples: dict[str, np.ndarray], out_dir: str | Path, over
     reference: the sample the KS distances are taken against (default: the first)
     families:  optional sample name -> (N,) labels; adds a row per label to the tables and a
                figure of the labelled sample's families against the reference
+    pairs:     optional sample name -> another sample it is also compared with (KS), e.g. a trained
+               model's samples -> the data set it was trained on
     notes:     optional sample name -> one line saying where it came from (written in the .md)
     Raises MorphologyError for empty or malformed samples, OutputExistsError if an output exists
     and ``overwrite`` is false (checked before anything is measured).
@@ -412,7 +427,10 @@ def compare_morphology(samples: dict[str, np.ndarray], out_dir: str | Path, over
     reference = reference if reference is not None else next(iter(samples))
     if reference not in samples:
         raise MorphologyError(f"reference {reference!r} is not one of the samples {sorted(samples)}")
-    families = families or {}
+    families, pairs = families or {}, pairs or {}
+    for name, other in pairs.items():
+        if name not in samples or other not in samples:
+            raise MorphologyError(f"pairs: {name!r} -> {other!r} names a sample that was not given")
     for name, labels in families.items():
         if name not in samples or len(labels) != len(samples[name]):
             raise MorphologyError(f"families[{name!r}] must label every image of a sample of that name")
@@ -425,7 +443,7 @@ def compare_morphology(samples: dict[str, np.ndarray], out_dir: str | Path, over
     for name, stack in images.items():
         log.info("morphology: measuring %d images of %s", len(stack), name)
         results[name] = measure_morphology(stack, config, progress=progress)
-    summaries = _summaries(results, reference, families)
+    summaries = _summaries(results, reference, families, pairs)
 
     _write_figure(plot_morphology(results, reference), paths["morphology.png"])
     if families:
@@ -451,11 +469,12 @@ def output_paths(out_dir: str | Path, with_families: bool, overwrite: bool) -> d
     return {name: check_writable(out_dir / name, overwrite) for name in names}
 
 
-def _summaries(results: dict[str, MorphologyResult], reference: str,
-               families: dict[str, np.ndarray]) -> list[SampleSummary]:
+def _summaries(results: dict[str, MorphologyResult], reference: str, families: dict[str, np.ndarray],
+               pairs: dict[str, str]) -> list[SampleSummary]:
     summaries = []
     for name, result in results.items():
-        summaries.append(summarize_sample(name, result, results[reference]))
+        pair = (pairs[name], results[pairs[name]]) if name in pairs else None
+        summaries.append(summarize_sample(name, result, results[reference], pair))
         if name in families:
             labels = np.asarray(families[name], dtype=str)
             for label in sorted(set(labels)):
@@ -473,17 +492,20 @@ def _write_figure(fig, path: Path) -> None:
 # --- tables -----------------------------------------------------------------------------------------
 
 def summary_csv(summaries: Iterable[SampleSummary]) -> str:
-    """One row per sample: n, failures, and per quantity median, p16, p84, KS statistic and p-value."""
-    header = ["sample", "n_images", "n_failed", "failure_fraction"]
+    """One row per sample: n, failures, its paired sample, and per quantity the median, p16, p84, mean,
+    and the KS statistic and p-value against the reference and against the paired sample."""
+    parts = ("median", "p16", "p84", "mean", "ks", "ks_p", "ks_pair", "ks_pair_p")
+    header = ["sample", "n_images", "n_failed", "failure_fraction", "paired_with"]
     for quantity in QUANTITIES:
-        header += [f"{quantity}_{part}" for part in ("median", "p16", "p84", "mean", "ks", "ks_p")]
+        header += [f"{quantity}_{part}" for part in parts]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     for s in summaries:
-        row = [s.name, s.n_images, s.n_failed, _number(s.failure_fraction)]
+        row = [s.name, s.n_images, s.n_failed, _number(s.failure_fraction), s.paired_with]
         for quantity in QUANTITIES:
-            row += [_number(d[quantity]) for d in (s.median, s.p16, s.p84, s.mean, s.ks, s.ks_p)]
+            row += [_number(d[quantity]) for d in (s.median, s.p16, s.p84, s.mean, s.ks, s.ks_p, s.ks_pair,
+                                                   s.ks_pair_p)]
         writer.writerow(row)
     return buffer.getvalue()
 
@@ -526,6 +548,14 @@ def summary_markdown(summaries: list[SampleSummary], reference: str, config: Mor
         if s.name == reference:
             continue
         lines += _markdown_row([s.name] + [_ks_cell(s.ks[q], s.ks_p[q]) for q in QUANTITIES])
+    paired = [s for s in summaries if s.paired_with]
+    if paired:
+        lines += ["", "Kolmogorov-Smirnov statistic D of each sample against its paired sample (a model's samples "
+                  "against its training data).", ""]
+        header = ["sample", "against"] + [_plain_label(q) for q in QUANTITIES]
+        lines += _markdown_row(header) + [_markdown_row(["---"] * len(header))[0]]
+        for s in paired:
+            lines += _markdown_row([s.name, s.paired_with] + [_ks_cell(s.ks_pair[q], s.ks_pair_p[q]) for q in QUANTITIES])
     return "\n".join(lines) + "\n"
 
 
@@ -569,6 +599,8 @@ class Sample:
     images: np.ndarray
     families: np.ndarray | None
     note: str
+    data_path: Path | None = None
+    """The data-set file the images come from, or a run's training data."""
 
 
 def named_path(argument: str | Path) -> tuple[str | None, Path]:
@@ -614,7 +646,7 @@ def read_data_sample(path: str | Path, n: int, seed: int = 0, name: str | None =
         units = handle.attrs.get("pixel_units", "unknown units")
     units = units.decode() if isinstance(units, bytes) else str(units)
     note = f"{len(index)} of the {total} images of {path} (seed {seed}), {units}"
-    return Sample(name or path.stem, images, families, note)
+    return Sample(name or path.stem, images, families, note, path)
 
 
 def model_sample(run_dir: str | Path, n: int, seed: int = 0, name: str | None = None, checkpoint: str = "best",
@@ -638,7 +670,7 @@ def model_sample(run_dir: str | Path, n: int, seed: int = 0, name: str | None = 
     run_dir = Path(run_dir)
     note = (f"{n} draws x ~ N(f_mu(z), f_sigma(z)), z ~ N(0, I) (seed {seed}) from {run_dir} "
             f"({checkpoint} checkpoint, epoch {model.epoch}), trained on {model.data_path}")
-    return Sample(name or run_dir.name, images.astype(np.float32), None, note)
+    return Sample(name or run_dir.name, images.astype(np.float32), None, note, model.data_path)
 
 
 def morphology_report(data: list[str | Path], runs: list[str | Path], out_dir: str | Path, n: int = 300,
@@ -648,7 +680,8 @@ def morphology_report(data: list[str | Path], runs: list[str | Path], out_dir: s
     """Compare data sets and trained runs' samples: the ``galaxyvae morphology`` command.
 
     data: data-set files, each ``PATH`` (named by its stem) or ``NAME=PATH``; up to ``n`` images each
-    runs: run directories, each ``PATH`` (named by its folder) or ``NAME=PATH``; ``n`` samples each
+    runs: run directories, each ``PATH`` (named by its folder) or ``NAME=PATH``; ``n`` samples each,
+          also compared with their training data where that file is among ``data``
     reference: the sample name KS distances are taken against (default: the first data set, else the first run)
     by_family: add per-family rows and a family figure for the first data set that has a family column
     Writes what ``compare_morphology`` writes into ``out_dir``; seeds make every draw repeatable.
@@ -672,8 +705,18 @@ def morphology_report(data: list[str | Path], runs: list[str | Path], out_dir: s
         labelled = [sample for sample in samples if sample.families is not None]
         families = {labelled[0].name: labelled[0].families} if labelled else {}
     return compare_morphology({s.name: s.images for s in samples}, out_dir, overwrite=overwrite, reference=reference,
-                              families=families, config=config, progress=progress,
-                              notes={s.name: s.note for s in samples})
+                              families=families, pairs=_training_data_pairs(samples[len(data):], samples[:len(data)]),
+                              config=config, progress=progress, notes={s.name: s.note for s in samples})
+
+
+def _training_data_pairs(model_samples: list[Sample], data_samples: list[Sample]) -> dict[str, str]:
+    """Model sample name -> name of the data sample read from the file the model was trained on."""
+    by_file = {_resolved(s.data_path): s.name for s in data_samples}
+    return {s.name: by_file[_resolved(s.data_path)] for s in model_samples if _resolved(s.data_path) in by_file}
+
+
+def _resolved(path: Path | None) -> Path | None:
+    return Path(path).resolve() if path is not None else None
 
 
 # --- figures ------------------------------------------------------------------------------------------
@@ -716,18 +759,18 @@ def plot_morphology(results: dict[str, MorphologyResult], reference: str):
         label = f"{name} (n = {len(result)}, failed {result.n_failed})"
         _scatter_planes(axes["gm"], axes["ca"], result, colours[name], label, reference_style=name == reference)
     _decorate_planes(axes["gm"], axes["ca"])
-    axes["gm"].legend(loc="lower left", fontsize=8, framealpha=0.9)
+    axes["gm"].legend(loc="lower left", fontsize=8, framealpha=0.9, markerscale=1.5)
     for quantity in QUANTITIES[:-1]:
         _histograms(axes[quantity], {name: results[name].values[quantity] for name in order}, colours, quantity)
     fig.suptitle("Non-parametric morphology of the central galaxy (statmorph), per sample\n"
-                 "(histograms are normalised to unit area; failed measurements are left out and counted in the legend)",
-                 fontsize=12)
+                 "(colours as in the legend; histograms are normalised to unit area; failed measurements are left "
+                 "out and counted in the legend)", fontsize=12)
     return fig
 
 
 def _scatter_planes(ax_gm, ax_ca, result: MorphologyResult, colour: str, label: str, reference_style: bool) -> None:
-    style = dict(s=14 if reference_style else 8, alpha=0.8 if reference_style else 0.45, color=colour,
-                 marker="o" if reference_style else ".", linewidths=0, zorder=3 if reference_style else 2)
+    style = dict(s=16 if reference_style else 9, alpha=0.85 if reference_style else 0.6, color=colour,
+                 marker="o", linewidths=0, zorder=3 if reference_style else 2)
     ax_gm.scatter(result.values["m20"], result.values["gini"], label=label, **style)
     ax_ca.scatter(result.values["asymmetry"], result.values["concentration"], label=label, **style)
 
@@ -796,8 +839,9 @@ def plot_families(result: MorphologyResult, labels: np.ndarray, reference: Morph
     axes["gm"].legend(loc="lower left", fontsize=8, framealpha=0.9, markerscale=2)
     for quantity in STATISTICS:
         _family_ranges(axes[quantity], result, labels, families, reference, quantity)
-    fig.suptitle(f"Morphology of the families of {name} (colours) against {reference_name} (grey points, grey band: "
-                 f"its 16–84% range, line: its median)", fontsize=12)
+    fig.suptitle(f"Morphology of the families of {name} (colours) against {reference_name} (grey)\n"
+                 f"bottom: each family's median and 16–84% range; grey band and line: {reference_name}'s 16–84% "
+                 f"range and median", fontsize=12)
     return fig
 
 
@@ -818,5 +862,5 @@ def _family_ranges(ax, result: MorphologyResult, labels: np.ndarray, families: l
                         color=FAMILY_COLOURS[i % len(FAMILY_COLOURS)])
     ax.set_xticks(range(len(families)))
     ax.set_xticklabels(families, rotation=60, ha="right", fontsize=8)
-    ax.set_title(f"{LABELS[quantity]}: median, 16–84%")
+    ax.set_title(LABELS[quantity])
     ax.grid(axis="y", alpha=0.3)
