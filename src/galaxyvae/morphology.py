@@ -10,8 +10,10 @@ samples against their training data). The statistics are measured by statmorph
    The noise of an empty pixel is then 1, whatever the data set's pixel units.
 2. **Segmentation of the central galaxy.** The scaled image is smoothed by a Gaussian
    (``smoothing_px``); connected pixels (8-connectivity) above ``threshold_sigma`` times the
-   smoothed noise form segments of at least ``min_pixels`` pixels. A segment is *significant* if
-   its smoothed peak exceeds ``detection_sigma`` times the smoothed noise. The central galaxy is
+   smoothed noise (measured on the border, so correlated noise is allowed for) form segments of at
+   least ``min_pixels`` pixels, split by photutils' deblending (``deblend_contrast``, as
+   SExtractor does). A segment is *significant* if its smoothed peak exceeds ``detection_sigma``
+   times the smoothed noise. The central galaxy is
    the segment holding the stamp's centre pixel, or else the significant segment reaching
    closest to it, within ``max_centre_distance_px``. Other significant segments are neighbours:
    they are masked (dilated by ``mask_dilation_px``) and counted.
@@ -34,14 +36,14 @@ import csv
 import io
 import logging
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 from scipy import ndimage, stats
 
-from galaxyvae._io import atomic_path, check_writable, write_text_atomic
+from galaxyvae._io import check_writable, write_text_atomic
 from galaxyvae.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -255,13 +257,13 @@ def measure_image(scaled: np.ndarray, smoothed: np.ndarray, smoothed_noise: floa
         return values, -1, "no significant source at the centre"
     values["peak_snr"] = float(scaled[segmentation.central].max())
     values["has_neighbour"] = float(segmentation.n_neighbours > 0)
-    morph = _statmorph(scaled, segmentation, config)
+    morph, messages = _statmorph(scaled, segmentation, config)
     measured = {"concentration": morph.concentration, "asymmetry": morph.asymmetry,
                 "smoothness": morph.smoothness, "gini": morph.gini, "m20": morph.m20,
                 "rhalf_px": morph.rhalf_circ}
     flag = int(morph.flag)
     if flag > config.max_flag:
-        return values, flag, f"statmorph flag {flag}"
+        return values, flag, f"statmorph flag {flag}" + (f" ({'; '.join(messages)})" if messages else "")
     bad = [name for name, value in measured.items() if not np.isfinite(value) or value == -99.0]
     if bad:
         return values, flag, f"statmorph gave no finite {', '.join(bad)}"
@@ -270,17 +272,20 @@ def measure_image(scaled: np.ndarray, smoothed: np.ndarray, smoothed_noise: floa
 
 
 def _statmorph(scaled: np.ndarray, segmentation: Segmentation, config: MorphologyConfig):
+    """statmorph's SourceMorphology of the central segment, and the distinct warnings it gave."""
     import statmorph
     from astropy.utils.exceptions import AstropyUserWarning
 
-    with warnings.catch_warnings():
-        # statmorph warns about every odd stamp; its flag carries the verdict, which we keep.
-        warnings.simplefilter("ignore", AstropyUserWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        # statmorph warns about every odd stamp; its flag carries the verdict and the messages say why.
+        warnings.simplefilter("always", AstropyUserWarning)
         warnings.simplefilter("ignore", RuntimeWarning)
-        return statmorph.SourceMorphology(
+        morph = statmorph.SourceMorphology(
             np.ascontiguousarray(scaled), segmentation.central.astype(np.int32), 1,
             mask=segmentation.neighbours, weightmap=np.ones_like(scaled), skybox_size=config.skybox_size,
             n_sigma_outlier=config.outlier_sigma)
+    messages = [str(w.message) for w in caught if issubclass(w.category, AstropyUserWarning)]
+    return morph, list(dict.fromkeys(messages))
 
 
 def measure_morphology(images: np.ndarray, config: MorphologyConfig | None = None,
@@ -531,9 +536,10 @@ def summary_markdown(summaries: list[SampleSummary], reference: str, config: Mor
     """Two Markdown tables: medians with 16-84% ranges, and KS statistics against the reference."""
     lines = ["# Morphology of the samples", ""]
     lines += [f"- **{name}**: {note}" for name, note in notes.items()]
-    lines += ["" if notes else "", "Median [16th, 84th percentile] over the images measured; failed: statmorph flag > "
-              f"{config.max_flag} or no central source (NaN, counted). Size facts in the model's scaled units "
-              "(sky noise 1).", ""]
+    lines += ([""] if notes else []) + ["Median [16th, 84th percentile] over the images measured; failed: statmorph flag > "
+              f"{config.max_flag} or no central source (NaN, counted). r_half, peak/σ and area > 2σ are in the "
+              "model's scaled units (sky noise 1); neighbour: the fraction of stamps with another significant "
+              "source.", ""]
     header = ["sample", "n", "failed"] + [_plain_label(q) for q in QUANTITIES]
     lines += _markdown_row(header) + [_markdown_row(["---"] * len(header))[0]]
     for s in summaries:
