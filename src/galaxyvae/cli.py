@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="count", default=0, help="less output (repeatable)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_simulate, add_ingest, add_info, add_show, add_train, add_evaluate, add_figures,
-                add_report, add_reproduce):
+                add_report, add_reproduce, add_morphology):
         add(commands)
     return parser
 
@@ -267,6 +267,40 @@ def run_reproduce(args) -> int:
 
     report = reproduce(args.out, quick=args.quick, seed=args.seed)
     print(f"report: {report}")
+    return 0
+
+
+# --- realism ---------------------------------------------------------------------------------
+
+def add_morphology(commands) -> None:
+    p = commands.add_parser("morphology",
+                            help="compare the non-parametric morphology (C, A, S, Gini, M20) of data sets and "
+                                 "of samples from trained runs")
+    p.add_argument("data", nargs="*", type=str, metavar="DATA.h5",
+                   help="data sets, each PATH (named by its stem) or NAME=PATH; up to --n random images of each")
+    p.add_argument("--run", dest="runs", action="append", default=[], metavar="RUN_DIR",
+                   help="a run directory (or NAME=RUN_DIR) whose model draws --n noisy samples; repeatable")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for morphology.png, morphology.md, morphology.csv, morphology_per_image.csv")
+    p.add_argument("--n", type=int, default=300, help="images per data set and samples per run (default 300)")
+    p.add_argument("--seed", type=int, default=0, help="seed choosing the images and drawing the model samples")
+    p.add_argument("--reference", default=None,
+                   help="sample name the KS distances are taken against (default: the first data set)")
+    p.add_argument("--no-families", dest="by_family", action="store_false",
+                   help="no per-family rows and figure for a data set with a family column")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best", help="weights of the runs")
+    _overwrite_flag(p)
+    p.set_defaults(run=run_morphology)
+
+
+def run_morphology(args) -> int:
+    from galaxyvae.morphology import morphology_report
+
+    comparison = morphology_report(args.data, args.runs, args.out, n=args.n, seed=args.seed, overwrite=args.overwrite,
+                                   reference=args.reference, by_family=args.by_family, checkpoint=args.checkpoint,
+                                   progress=args.quiet == 0 and sys.stderr.isatty())
+    print(comparison.paths["morphology.md"].read_text(encoding="utf-8"))
+    log.info("wrote %s", ", ".join(str(p) for p in comparison.paths.values()))
     return 0
 
 
