@@ -62,8 +62,8 @@ class Variant:
 
 VARIANTS = (Variant("mlp", False), Variant("conv", False), Variant("mlp", True), Variant("conv", True))
 
-MODELS = {"mlp": ModelConfig(), "conv": ModelConfig(arch="conv")}
-"""Model shapes; both keep the paper's latent dimension 8 and per-pixel variance."""
+MODELS = {"mlp": ModelConfig(), "conv": ModelConfig(arch="conv", latent_dim=16)}
+"""Model shapes: the paper's MLP (z = 8) and the conv VAE with z = 16; both per-pixel variance."""
 
 SCRATCH = TrainConfig(epochs=300, batch_size=16, augment=True, compile="off")
 """Training on the cutouts alone (about 85 images, x8 with flips and rotations)."""
@@ -144,8 +144,10 @@ def pretrain(arch: str, survey: Path, out: Path, seed: int) -> Path:
 
 def fit_variant(variant: Variant, hdf: Path, init: Path | None, out: Path, seed: int) -> Path:
     """Train one variant on the cutouts; return its run directory."""
-    base = FINETUNE if variant.pretrained else SCRATCH
-    config = replace(base, model=MODELS[variant.arch], seed=seed)
+    if variant.pretrained:  # the model's shape comes from the pretraining run
+        config = replace(FINETUNE, seed=seed)
+    else:
+        config = replace(SCRATCH, model=MODELS[variant.arch], seed=seed)
     return train_once(hdf, out / variant.name, config, init=init)
 
 
