@@ -98,13 +98,13 @@ DEEP_FIELD = SimulationPreset(
     family_fractions={"grand_design_spiral": 0.15, "dusty_elliptical": 0.07, "distorted_spiral": 0.30,
                       "edge_on_disk": 0.08, "irregular": 0.20, "sombrero": 0.04, "smooth_elliptical": 0.08,
                       "lenticular": 0.08},
-    half_light_radius_pix=(4.5, 6.0),
-    peak_snr_range=(25.0, 250.0),
+    half_light_radius_pix=(4.6, 5.5),
+    peak_snr_range=(60.0, 250.0),
     crowding=Crowding(mean_count=7.0, star_fraction=0.15, mag_offset_range=(0.5, 5.0), mag_offset_slope=0.2,
                       min_distance_r50=1.0),
-    asymmetry=Asymmetry(lopsidedness_range=(0.05, 0.3), clump_count_range=(3, 10), clump_fraction_range=(0.1, 0.25),
+    asymmetry=Asymmetry(lopsidedness_range=(0.1, 0.4), clump_count_range=(3, 10), clump_fraction_range=(0.15, 0.3),
                         clump_sigma_arcsec_range=(0.3, 0.6), clump_spread_r50=0.8),
-    display=DisplayStretch(smoothing_sigma_pix=0.8, softening_sigma=5.0, sky_noise_levels=4.0, quantise=True),
+    display=DisplayStretch(smoothing_sigma_pix=0.8, softening_sigma=7.0, sky_noise_levels=4.0, quantise=True),
     pixel_units="display levels of a simulated asinh stretch",
 )
 
