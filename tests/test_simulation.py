@@ -205,3 +205,106 @@ def test_simulate_command_writes_a_data_set_and_will_not_overwrite_it(tmp_path, 
     assert main(["simulate", "--n", "5", "--held-out", "5", "--out", str(tmp_path / "x.h5")]) == 2
     assert main(["simulate", "--n", "10", "--out", str(tmp_path / "small.h5"), "--workers", "1"]) == 0
     assert read_dataset(tmp_path / "small.h5").held_out.sum() == 2  # a fifth of a small survey
+
+
+# --- presets -----------------------------------------------------------------------------------
+
+# Frozen before presets existed: sums of the default survey's stamps (float64 sum of float32 pixels)
+# and the SHA-256 prefix of their parameter JSON. The default preset must not move.
+FROZEN_DEFAULT = {
+    (0, 0): ("grand_design_spiral", "ccacf7523ba30704", 146.66421342496324, 1.077678918838501),
+    (0, 5): ("grand_design_spiral", "238caa171e1b7f7b", 255.20623565902946, 1.5871946811676025),
+    (3, 2): ("lenticular", "9dcc04c63cf9337b", 1756.8292415578467, 27.16402816772461),
+    (3, 27): ("distorted_spiral", "6bebd081e7017325", 103.76741063855707, 1.1971920728683472),
+}
+
+
+@pytest.mark.parametrize("key", list(FROZEN_DEFAULT))
+def test_default_preset_is_unchanged(key):
+    import hashlib
+
+    family, params_sha, total, centre = FROZEN_DEFAULT[key]
+    for spec in (stamp.draw_stamp(*key), stamp.draw_stamp(*key, preset="sdss")):
+        rendered = stamp.render_stamp(spec)
+        record = stamp.stamp_record(spec, rendered)
+        assert spec.family == family
+        assert hashlib.sha256(record["params"].encode()).hexdigest()[:16] == params_sha
+        assert rendered.image.astype(np.float64).sum() == pytest.approx(total, rel=1e-6)
+        assert rendered.image[34, 34] == pytest.approx(centre, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def deep_field(tmp_path_factory):
+    path = tmp_path_factory.mktemp("deep") / "deep.h5"
+    simulate_survey(path, n_images=30, n_held_out=6, seed=5, workers=1, progress=False, preset="deep-field")
+    return read_dataset(path)
+
+
+def test_deep_field_records_its_preset_and_units(deep_field, survey):
+    attrs = deep_field.attrs
+    assert attrs["preset"] == "deep-field" and survey.attrs["preset"] == "sdss"
+    assert attrs["pixel_units"] == "display levels of a simulated asinh stretch" and attrs["sky_subtracted"]
+    assert deep_field.provenance["preset"]["name"] == "deep-field"
+    params = json.loads(deep_field.metadata["params"][0])
+    assert params["preset"] == "deep-field"
+    spec = stamp.spec_from_params(0, deep_field.metadata["params"][0])
+    np.testing.assert_array_equal(stamp.render_stamp(spec).image, deep_field.images[0])
+
+
+def test_deep_field_is_reproducible_and_independent_of_workers(deep_field, tmp_path):
+    images, records = render_survey(30, seed=5, workers=2, chunk_size=10, progress=False, preset="deep-field")
+    np.testing.assert_array_equal(images, deep_field.images)
+    other, _ = render_survey(4, seed=6, workers=1, progress=False, preset="deep-field")
+    assert not np.array_equal(other, deep_field.images[:4])
+
+
+def test_deep_field_stamps_have_the_documented_properties(deep_field):
+    from galaxyvae.simulation.presets import DEEP_FIELD
+
+    x = deep_field.images.astype(np.float64)
+    # Integer display levels, bounded by the asinh stretch of the brightest conceivable pixel.
+    np.testing.assert_array_equal(x, np.round(x))
+    assert np.abs(x).max() < 400
+    n_neighbours = deep_field.metadata["n_neighbour_stars"] + deep_field.metadata["n_neighbour_galaxies"]
+    assert 5.5 < n_neighbours.mean() < 8.5 and (n_neighbours > 0).mean() > 0.9
+    families = deep_field.metadata["family"]
+    assert {"distorted_spiral", "irregular"} <= set(families)
+    assert DEEP_FIELD.family_fractions["distorted_spiral"] + DEEP_FIELD.family_fractions["irregular"] == 0.5
+
+
+def test_deep_field_radius_and_peak_follow_the_preset():
+    from galaxyvae.simulation.presets import DEEP_FIELD
+
+    for index in range(6):
+        spec = stamp.draw_stamp(1, index, preset="deep-field")
+        rendered = stamp.render_stamp(spec)
+        r50_pix = spec.galaxy["half_light_radius_arcsec"] / observing.PIXEL_SCALE
+        assert DEEP_FIELD.half_light_radius_pix[0] <= r50_pix <= DEEP_FIELD.half_light_radius_pix[1] + 1e-3
+        peak = rendered.central.max() / observing.sky_sigma_nmgy(spec.sky_mag_arcsec2)
+        assert peak == pytest.approx(spec.galaxy["peak_snr"], rel=0.02)
+        assert rendered.central.sum() == pytest.approx(spec.galaxy["flux_nmgy"] * rendered.flux_scale, rel=0.05)
+
+
+def test_bad_preset_names_the_option(tmp_path, capsys):
+    with pytest.raises(InputError, match="--preset"):
+        simulate_survey(tmp_path / "x.h5", n_images=4, n_held_out=1, preset="hubble")
+    assert main(["simulate", "--preset", "hubble", "--n", "4", "--out", str(tmp_path / "y.h5")]) == 2
+    assert "--preset" in capsys.readouterr().err
+
+
+def test_deep_field_noise_is_sky_subtracted_and_correlated():
+    # The noise is the noisy stamp minus its noiseless display, where the noiseless sky is empty.
+    # For a Gaussian kernel of rms s the adjacent-pixel correlation is exp(-1 / (4 s^2)) = 0.68.
+    noise, empty = [], []
+    for index in range(4):
+        spec = stamp.draw_stamp(2, index, preset="deep-field")
+        noisy = stamp.render_stamp(spec).image.astype(np.float64)
+        clean = stamp.render_stamp(spec, noise=False).image.astype(np.float64)
+        noise.append(noisy - clean)
+        empty.append(np.abs(clean) < 0.5)
+    noise, empty = np.array(noise), np.array(empty)
+    assert abs(np.median(noise[empty])) <= 0.5
+    assert np.std(noise[empty]) == pytest.approx(4.0, rel=0.2)
+    pairs = empty[:, :, :-1] & empty[:, :, 1:]
+    a, b = noise[:, :, :-1][pairs], noise[:, :, 1:][pairs]
+    assert np.corrcoef(a, b)[0, 1] == pytest.approx(np.exp(-1 / (4 * 0.8 ** 2)), abs=0.08)

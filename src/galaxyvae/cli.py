@@ -75,6 +75,9 @@ def add_simulate(commands) -> None:
     p.add_argument("--out", type=Path, required=True, help="output data set (.h5)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--preset", default="sdss",
+                   help="sdss (default: the paper's SDSS-like survey in nanomaggies) or deep-field (Hubble-Deep-"
+                        "Field-like display cutouts for pretraining; see docs/simulation.md)")
     _overwrite_flag(p)
     p.set_defaults(run=run_simulate)
 
@@ -83,7 +86,7 @@ def run_simulate(args) -> int:
     from galaxyvae.simulation import simulate_survey
 
     simulate_survey(args.out, n_images=args.n, n_held_out=args.held_out, seed=args.seed,
-                    workers=args.workers, overwrite=args.overwrite, progress=args.quiet == 0)
+                    workers=args.workers, overwrite=args.overwrite, progress=args.quiet == 0, preset=args.preset)
     return 0
 
 

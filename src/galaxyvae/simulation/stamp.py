@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from galaxyvae.simulation import canvas
+from galaxyvae.simulation import canvas, effects
 from galaxyvae.simulation.families import FAMILIES, FAMILY_BY_NAME, sersic
 from galaxyvae.simulation.observing import (
     GAIN, NMGY_PER_COUNT, PIXEL_SCALE, PSFSpec, add_sky_and_detector_noise, draw_psf, draw_sky_mag,
-    magnitude_to_nmgy, sky_level_nmgy, sky_sigma_nmgy,
+    magnitude_to_nmgy, nmgy_to_magnitude, sky_level_nmgy, sky_sigma_nmgy,
 )
+from galaxyvae.simulation.presets import PRESET_STREAM, SDSS, SimulationPreset, get_preset
 
 MAG_RANGE = (14.0, 17.7)
 """r-band magnitudes of the central galaxies: prominent galaxies, down to the SDSS spectroscopic
@@ -62,14 +63,17 @@ class StampSpec:
     sky_mag_arcsec2: float
     noise_seed: int
     neighbours: list = field(default_factory=list)
+    preset: str = SDSS.name
 
 
-def family_of(seed: int, index: int) -> str:
+def family_of(seed: int, index: int, fractions: dict | None = None) -> str:
     """The family of stamp ``index``: a golden-ratio (Weyl) sequence with a seed-dependent start,
-    cut at the cumulative family fractions, so every stretch of the survey has the intended mix."""
+    cut at the cumulative family fractions (``fractions`` by family name; default: the survey's
+    mix), so every stretch of the survey has the intended mix."""
     start = np.random.default_rng([seed, 2 ** 32 - 1]).random()
     u = (start + index * GOLDEN) % 1.0
-    edges = np.cumsum([f.fraction for f in FAMILIES])
+    shares = [f.fraction if fractions is None else fractions.get(f.name, 0.0) for f in FAMILIES]
+    edges = np.cumsum(shares)
     return FAMILIES[min(int(np.searchsorted(edges / edges[-1], u, side="right")), len(FAMILIES) - 1)].name
 
 
@@ -125,15 +129,32 @@ def draw_neighbours(rng: np.random.Generator, central: dict) -> list[dict]:
     return neighbours
 
 
-def draw_stamp(seed: int, index: int) -> StampSpec:
-    """All the random choices of stamp ``index`` of the survey with ``seed``."""
+def draw_stamp(seed: int, index: int, preset: str = SDSS.name) -> StampSpec:
+    """All the random choices of stamp ``index`` of the survey with ``seed`` and ``preset``.
+
+    The preset's own draws come from a second generator seeded by (seed, index, PRESET_STREAM):
+    the main generator's sequence of draws is the same for every preset."""
+    knobs = get_preset(preset)
     rng = np.random.default_rng([seed, index])
-    family = family_of(seed, index)
+    extra = np.random.default_rng([seed, index, PRESET_STREAM])
+    family = family_of(seed, index, knobs.family_fractions)
     galaxy = draw_common(rng, family)
+    if knobs.half_light_radius_pix is not None:
+        galaxy["half_light_radius_arcsec"] = effects.draw_radius_arcsec(extra, knobs.half_light_radius_pix)
     galaxy.update(FAMILY_BY_NAME[family].draw(rng, galaxy))
-    return StampSpec(index=index, family=family, galaxy=galaxy, psf=draw_psf(rng),
-                     sky_mag_arcsec2=draw_sky_mag(rng), noise_seed=int(rng.integers(1, 2 ** 31 - 1)),
-                     neighbours=draw_neighbours(rng, galaxy))
+    _draw_preset_galaxy_extras(extra, knobs, galaxy)
+    psf, sky_mag, noise_seed = draw_psf(rng), draw_sky_mag(rng), int(rng.integers(1, 2 ** 31 - 1))
+    neighbours = (draw_neighbours(rng, galaxy) if knobs.crowding is None
+                  else effects.draw_crowd(extra, knobs.crowding, galaxy))
+    return StampSpec(index=index, family=family, galaxy=galaxy, psf=psf, sky_mag_arcsec2=sky_mag,
+                     noise_seed=noise_seed, neighbours=neighbours, preset=knobs.name)
+
+
+def _draw_preset_galaxy_extras(rng: np.random.Generator, knobs: SimulationPreset, galaxy: dict) -> None:
+    if knobs.peak_snr_range is not None:
+        galaxy["peak_snr"] = effects.draw_peak_snr(rng, knobs.peak_snr_range)
+    if knobs.asymmetry is not None:
+        galaxy["asymmetry"] = effects.draw_asymmetry(rng, knobs.asymmetry)
 
 
 def neighbours_k(neighbours: list[dict]) -> np.ndarray | float:
@@ -159,14 +180,20 @@ class RenderedStamp:
     central: np.ndarray
     neighbours: np.ndarray
     dust_transmission: float
+    flux_scale: float = 1.0
+    """Factor applied to the drawn fluxes of the galaxy and its neighbours (presets with a peak S/N)."""
 
 
 def render_stamp(spec: StampSpec, noise: bool = True) -> RenderedStamp:
     """Render a stamp: the family's galaxy and the neighbours, blurred by the PSF and the pixel,
     plus sky, Poisson and read noise (unless ``noise`` is False), sky-subtracted.
 
-    The central galaxy's total flux (after dust) is ``spec.galaxy["flux_nmgy"]``; the fraction of
-    its intrinsic light that dust lets through is returned as ``dust_transmission``."""
+    The central galaxy's total flux (after dust) is ``spec.galaxy["flux_nmgy"]`` times
+    ``flux_scale`` (1 unless the preset sets the peak S/N); the fraction of its intrinsic light
+    that dust lets through is returned as ``dust_transmission``. ``image`` is in the preset's
+    pixel units (nmgy, or display levels for a preset with a display stretch); ``central`` and
+    ``neighbours`` are noiseless nmgy."""
+    knobs = get_preset(spec.preset)
     psf = canvas.psf_k(spec.psf)
     family = FAMILY_BY_NAME[spec.family]
     galaxy = family.render(spec.galaxy)
@@ -174,16 +201,26 @@ def render_stamp(spec: StampSpec, noise: bool = True) -> RenderedStamp:
     # to its drawn flux after dust has taken its share.
     emergent = float(galaxy[0, 0].real)
     galaxy = galaxy * np.float32(spec.galaxy["flux_nmgy"] / emergent)
+    if "asymmetry" in spec.galaxy:
+        galaxy = effects.add_asymmetry(galaxy, spec.galaxy)
     central = canvas.observe(galaxy, psf)
+    flux_scale = 1.0
+    if "peak_snr" in spec.galaxy:
+        flux_scale = spec.galaxy["peak_snr"] * sky_sigma_nmgy(spec.sky_mag_arcsec2) / float(central.max())
+        galaxy, central = galaxy * np.float32(flux_scale), central * np.float32(flux_scale)
     if family.lopsided:
         cx, cy = canvas.isophotal_centroid(central, CENTRING_ISOPHOTE_NMGY)
         central = canvas.observe(canvas.shifted(galaxy, spec.galaxy["x_arcsec"] - cx, spec.galaxy["y_arcsec"] - cy), psf)
     others = neighbours_k(spec.neighbours)
     neighbours = canvas.observe(others, psf) if spec.neighbours else np.zeros_like(central)
+    if flux_scale != 1.0:
+        neighbours = neighbours * np.float32(flux_scale)
     noiseless = central + neighbours
     image = add_sky_and_detector_noise(noiseless, spec.sky_mag_arcsec2, spec.noise_seed) if noise else noiseless
+    if knobs.display is not None:
+        image = effects.display_levels(image, knobs.display, sky_sigma_nmgy(spec.sky_mag_arcsec2))
     return RenderedStamp(image=image, central=central, neighbours=neighbours,
-                         dust_transmission=emergent / spec.galaxy["flux_nmgy"])
+                         dust_transmission=emergent / spec.galaxy["flux_nmgy"], flux_scale=flux_scale)
 
 
 def optimal_snr(central: np.ndarray, total: np.ndarray, sky_mag_arcsec2: float) -> float:
@@ -197,10 +234,15 @@ def stamp_record(spec: StampSpec, rendered: RenderedStamp) -> dict:
     """The metadata row of a stamp: common numeric columns plus the full parameters as JSON."""
     g = spec.galaxy
     n_stars = sum(nb["kind"] == "star" for nb in spec.neighbours)
+    params = {"family": spec.family, "galaxy": g, "psf": spec.psf.to_dict(), "sky_mag_arcsec2": spec.sky_mag_arcsec2,
+              "noise_seed": spec.noise_seed, "neighbours": spec.neighbours}
+    if spec.preset != SDSS.name:
+        params["preset"] = spec.preset
+    scaled = rendered.flux_scale != 1.0
     return {
         "family": spec.family,
-        "mag_r": g["mag_r"],
-        "flux_nmgy": g["flux_nmgy"],
+        "mag_r": float(nmgy_to_magnitude(g["flux_nmgy"] * rendered.flux_scale)) if scaled else g["mag_r"],
+        "flux_nmgy": g["flux_nmgy"] * rendered.flux_scale if scaled else g["flux_nmgy"],
         "flux_in_stamp_nmgy": float(rendered.central.sum()),
         "half_light_radius_arcsec": g["half_light_radius_arcsec"],
         "axis_ratio": g["axis_ratio"],
@@ -225,9 +267,7 @@ def stamp_record(spec: StampSpec, rendered: RenderedStamp) -> dict:
         "n_neighbour_stars": int(n_stars),
         "n_neighbour_galaxies": int(len(spec.neighbours) - n_stars),
         "noise_seed": spec.noise_seed,
-        "params": json.dumps({"family": spec.family, "galaxy": g, "psf": spec.psf.to_dict(),
-                              "sky_mag_arcsec2": spec.sky_mag_arcsec2, "noise_seed": spec.noise_seed,
-                              "neighbours": spec.neighbours}, separators=(",", ":")),
+        "params": json.dumps(params, separators=(",", ":")),
     }
 
 
@@ -235,4 +275,5 @@ def spec_from_params(index: int, params_json: str) -> StampSpec:
     """Rebuild a stamp's StampSpec from its stored ``params`` JSON (to re-render it, e.g. without noise)."""
     p = json.loads(params_json)
     return StampSpec(index=index, family=p["family"], galaxy=p["galaxy"], psf=PSFSpec.from_dict(p["psf"]),
-                     sky_mag_arcsec2=p["sky_mag_arcsec2"], noise_seed=p["noise_seed"], neighbours=p["neighbours"])
+                     sky_mag_arcsec2=p["sky_mag_arcsec2"], noise_seed=p["noise_seed"], neighbours=p["neighbours"],
+                     preset=p.get("preset", SDSS.name))

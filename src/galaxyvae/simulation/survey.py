@@ -23,6 +23,7 @@ from galaxyvae.dataset import DEFAULT_HELD_OUT, choose_held_out, default_held_ou
 from galaxyvae.errors import InputError
 from galaxyvae.simulation.families import FAMILIES
 from galaxyvae.simulation.observing import PIXEL_SCALE, survey_attrs
+from galaxyvae.simulation.presets import SDSS, SimulationPreset, get_preset
 from galaxyvae.simulation.stamp import draw_stamp, render_stamp, stamp_record
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,10 @@ CHUNK_SIZE = 200
 SINGLE_THREADED_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def simulate_chunk(seed: int, start: int, stop: int) -> tuple[int, np.ndarray, list[dict]]:
-    """Render stamps ``start`` to ``stop - 1`` of the survey with ``seed``.
+def simulate_chunk(seed: int, start: int, stop: int, preset: str = SDSS.name) -> tuple[int, np.ndarray, list[dict]]:
+    """Render stamps ``start`` to ``stop - 1`` of the survey with ``seed`` and ``preset``.
 
-    Returns (start, images (stop - start, 69, 69) float32 in nanomaggies, metadata rows).
+    Returns (start, images (stop - start, 69, 69) float32 in the preset's pixel units, metadata rows).
     """
     from galsim.utilities import single_threaded
 
@@ -49,14 +50,14 @@ def simulate_chunk(seed: int, start: int, stop: int) -> tuple[int, np.ndarray, l
     # machine they run many times slower than one thread.
     with single_threaded():
         for offset, index in enumerate(range(start, stop)):
-            spec = draw_stamp(seed, index)
+            spec = draw_stamp(seed, index, preset)
             rendered = render_stamp(spec)
             images[offset] = rendered.image
             records.append(stamp_record(spec, rendered))
     return start, images, records
 
 
-def _simulate_chunk_task(task: tuple[int, int, int]):
+def _simulate_chunk_task(task: tuple[int, int, int, str]):
     return simulate_chunk(*task)
 
 
@@ -84,15 +85,17 @@ def _environment(values: dict[str, str]):
 
 
 def render_survey(n_images: int, seed: int = 0, workers: int | None = None, progress: bool = True,
-                  chunk_size: int = CHUNK_SIZE) -> tuple[np.ndarray, list[dict]]:
-    """Render stamps 0 .. n_images - 1 of the survey with ``seed``.
+                  chunk_size: int = CHUNK_SIZE, preset: str = SDSS.name) -> tuple[np.ndarray, list[dict]]:
+    """Render stamps 0 .. n_images - 1 of the survey with ``seed`` and ``preset``.
 
-    Returns (images (n_images, 69, 69) float32 nmgy, sky-subtracted; metadata rows in index order).
+    Returns (images (n_images, 69, 69) float32 in the preset's pixel units (nmgy for "sdss"),
+    sky-subtracted; metadata rows in index order).
     """
     from tqdm import tqdm
 
+    get_preset(preset)
     workers = default_workers() if workers is None else workers
-    tasks = [(seed, start, min(start + chunk_size, n_images)) for start in range(0, n_images, chunk_size)]
+    tasks = [(seed, start, min(start + chunk_size, n_images), preset) for start in range(0, n_images, chunk_size)]
     images = np.empty((n_images, STAMP_SIZE, STAMP_SIZE), np.float32)
     records: list[dict | None] = [None] * n_images
     bar = tqdm(total=n_images, unit="stamp", desc="simulate", disable=not progress, file=sys.stderr,
@@ -138,8 +141,20 @@ def _check_arguments(n_images: int, n_held_out: int, seed: int, workers: int | N
         raise InputError(f"workers (--workers) must be at least 1, got {workers}")
 
 
+def _preset_attrs(knobs: SimulationPreset) -> dict:
+    """Data-set attributes that say which preset made the images and what its display stretch is."""
+    attrs = {"preset": knobs.name}
+    if knobs.display is not None:
+        attrs.update(display_stretch="asinh", display_smoothing_sigma_pix=knobs.display.smoothing_sigma_pix,
+                     display_softening_sky_sigma=knobs.display.softening_sigma,
+                     display_sky_noise_levels=knobs.display.sky_noise_levels,
+                     display_quantised=knobs.display.quantise)
+    return attrs
+
+
 def simulate_survey(out, n_images: int = DEFAULT_N_IMAGES, n_held_out: int | None = DEFAULT_HELD_OUT, seed: int = 0,
-                    workers: int | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+                    workers: int | None = None, overwrite: bool = False, progress: bool = True,
+                    preset: str = SDSS.name) -> Path:
     """Simulate a survey of SDSS-like r-band galaxy stamps and write it as a galaxyvae data set.
 
     out:        output .h5 path; an existing file is replaced only with ``overwrite=True``
@@ -149,24 +164,29 @@ def simulate_survey(out, n_images: int = DEFAULT_N_IMAGES, n_held_out: int | Non
     seed:       the same seed gives the same images whatever the number of ``workers``
     workers:    processes (default: all usable cores)
     progress:   show a progress bar on stderr
+    preset:     "sdss" (default: the paper reproduction) or "deep-field" (Hubble-Deep-Field-like
+                display cutouts, for pretraining; see docs/simulation.md)
 
-    Images are (n_images, 69, 69) float32, sky-subtracted, in nanomaggies at 0.396"/pixel;
-    metadata holds each stamp's family and parameters (see docs/simulation.md). Returns the path.
+    Images are (n_images, 69, 69) float32, sky-subtracted, at 0.396"/pixel, in nanomaggies
+    ("sdss") or display levels of a simulated asinh stretch ("deep-field"); metadata holds each
+    stamp's family and parameters (see docs/simulation.md). Returns the path.
     """
+    knobs = get_preset(preset)
     n_held_out = default_held_out(n_images) if n_held_out is None else n_held_out
     _check_arguments(n_images, n_held_out, seed, workers)
     out = check_writable(out, overwrite)
     workers = default_workers() if workers is None else workers
     log.info("simulating %d stamps (%d held out) with seed %d on %d process(es)", n_images, n_held_out, seed, workers)
-    images, records = render_survey(n_images, seed=seed, workers=workers, progress=progress)
+    images, records = render_survey(n_images, seed=seed, workers=workers, progress=progress, preset=knobs.name)
     metadata = metadata_columns(records)
     metadata["object_id"] = np.array([f"sim-{seed}-{i:06d}" for i in range(n_images)], dtype=object)
-    attrs = {"source": "simulated", "pixel_units": "nanomaggies", "pixel_scale_arcsec": PIXEL_SCALE,
+    attrs = {"source": "simulated", "pixel_units": knobs.pixel_units, "pixel_scale_arcsec": PIXEL_SCALE, **_preset_attrs(knobs),
              "sky_subtracted": True, "seed": seed, "simulator": f"galaxyvae.simulation {__version__}",
              **{k: (", ".join(map(str, v)) if isinstance(v, list) else v) for k, v in survey_attrs().items()}}
     provenance = {"generator": "galaxyvae.simulation.simulate_survey", "n_images": n_images,
                   "n_held_out": n_held_out, "seed": seed, "workers": workers,
-                  "family_mix": {f.name: f.fraction for f in FAMILIES},
+                  "preset": knobs.to_dict(),
+                  "family_mix": knobs.family_fractions or {f.name: f.fraction for f in FAMILIES},
                   "look_alikes": {f.name: f.look_alike for f in FAMILIES}, "observing": survey_attrs()}
     path = write_dataset(out, images, choose_held_out(n_images, n_held_out, seed), attrs=attrs, metadata=metadata,
                          provenance=provenance, overwrite=overwrite)
