@@ -81,7 +81,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hdf", type=Path, default=None,
                    help=f"Hubble Deep Field data set (default: OUT/hdf.h5, ingested from {HDF_SOURCE} with --detect)")
     p.add_argument("--survey", type=Path, default=None,
-                   help="simulated survey to pretrain on (default: OUT/survey.h5, simulated with --survey-images)")
+                   help="simulated survey to pretrain on (default: OUT/survey.h5, --survey-images stamps of the "
+                        "deep-field preset)")
     p.add_argument("--survey-images", type=int, default=20_000, help="stamps to simulate when --survey is not given")
     p.add_argument("--pretrained-mlp", type=Path, default=None,
                    help="an existing MLP run on the simulated survey to fine-tune, instead of pretraining one")
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = fit_variant(variant, hdf, init, args.out, args.seed)
         rows.append(evaluate_variant(variant, run_dir, init, args.refine_steps, args.seed))
     table = render_table(rows, hdf, args.refine_steps)
+    table += "".join(f"- {row['label']}: {describe_run(Path(row['init']))}\n" for row in rows if row["init"])
     write_text_atomic(args.out / "table.md", table)
     write_json_atomic(args.out / "results.json", {"hdf": str(hdf), "seed": args.seed, "rows": rows,
                                                   "seconds": round(time.perf_counter() - started, 1)})
@@ -131,8 +133,8 @@ def survey_path(args: argparse.Namespace) -> Path:
         return args.survey
     path = args.out / "survey.h5"
     if not path.exists():
-        log.info("simulating %d stamps -> %s", args.survey_images, path)
-        simulate_survey(path, n_images=args.survey_images, seed=args.seed, progress=False)
+        log.info("simulating %d deep-field stamps -> %s", args.survey_images, path)
+        simulate_survey(path, n_images=args.survey_images, seed=args.seed, preset="deep-field", progress=False)
     return path
 
 
@@ -203,6 +205,16 @@ def render_table(rows: list[dict], hdf: Path, refine_steps: int) -> str:
               "With this few held-out cutouts one image is "
               f"{100 / n:.1f} percentage points; 95% bootstrap intervals are in OUT/results.json."]
     return "\n".join(lines) + "\n"
+
+
+def describe_run(run_dir: Path) -> str:
+    """One line on a pretraining run: its model, epochs and data set (with the simulation preset)."""
+    config = json.loads((run_dir / "config.json").read_text())
+    attrs = json.loads((run_dir / "data.json").read_text()).get("attrs", {})
+    model = config["model"]
+    return (f"pretrained {config['epochs']} epochs, {model['arch']} z = {model['latent_dim']}, on "
+            f"`{Path(config['data']).name}` ({attrs.get('n_images', '?')} stamps, preset "
+            f"{attrs.get('preset', 'sdss')})")
 
 
 def _cell(block: dict) -> str:
