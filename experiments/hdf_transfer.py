@@ -67,7 +67,7 @@ MODELS = {"mlp": ModelConfig(), "conv": ModelConfig(arch="conv", latent_dim=16)}
 
 SCRATCH = TrainConfig(epochs=300, batch_size=16, augment=True, compile="off")
 """Training on the cutouts alone (about 85 images, x8 with flips and rotations)."""
-PRETRAIN = {"mlp": TrainConfig(epochs=100), "conv": TrainConfig(epochs=12)}
+PRETRAIN = {"mlp": TrainConfig(epochs=100), "conv": TrainConfig(epochs=30)}
 """Pretraining on the simulated survey (conv: fewer epochs, each costs ~10x the MLP's)."""
 FINETUNE = TrainConfig(epochs=150, batch_size=16, augment=True, compile="off", learning_rate=3e-4)
 """Fine-tuning a pretrained run on the cutouts (see docs/transfer.md for the choice)."""
