@@ -945,11 +945,19 @@ def _cholesky_solve(factor, vector):
     return solution
 
 
+def _plus_diagonal(matrix, diagonal):
+    """matrix (n, P, P) + diag(diagonal (n, P)), a new array."""
+    out = matrix.copy()
+    size = matrix.shape[1]
+    out[:, np.arange(size), np.arange(size)] += diagonal
+    return out
+
+
 def _damped_step(normal, curvature, gradient, damping, frozen):
     """Solve (H + lambda D) step = J^T r for every image; D is the floored diagonal of J^T J.
 
-    H is the exact Hessian J^T J - S where curvature S is given and H + lambda D is positive
-    definite, else Gauss-Newton's J^T J. damping: (n,) lambda; frozen entries get a zero step.
+    H is the exact Hessian J^T J - S where curvature S is given and H is positive definite,
+    else Gauss-Newton's J^T J. damping: (n,) lambda; frozen entries get a zero step.
     Returns (step (n, P), the H used (n, P, P), solved (n,) bool); where no system can be
     solved the step is zero and solved is False.
     """
@@ -961,23 +969,32 @@ def _damped_step(normal, curvature, gradient, damping, frozen):
     # Floored so that a parameter without leverage (the shape of a zero-amplitude profile)
     # still gets a finite, small step instead of a singular system.
     scale = np.maximum(diagonal, 1e-12 * diagonal.max(1, keepdims=True) + 1e-300)
-    regulariser = damping[:, None] * np.where(frozen, 1.0, scale) + 1e-10 * scale
-    hessian = normal if curvature is None else normal - curvature * mask
-    damped = hessian.copy()
-    damped[:, np.arange(size), np.arange(size)] += regulariser
-    factor, solved = _cholesky(damped)
-    if curvature is not None and not solved.all():
-        # Newton only where its damped Hessian is positive definite (near a minimum);
-        # elsewhere its steps head for saddles, and Gauss-Newton's are safer.
-        fallback = ~solved
-        hessian = hessian.copy()
-        hessian[fallback] = normal[fallback]
-        damped = normal[fallback].copy()
-        damped[:, np.arange(size), np.arange(size)] += regulariser[fallback]
-        factor[fallback], solved[fallback] = _cholesky(damped)
+    regulariser = damping[:, None] * np.where(frozen, 1.0, scale)
+    hessian = normal
+    if curvature is not None:
+        # Newton only where the exact Hessian is itself positive definite (near a minimum);
+        # elsewhere its damped steps head for saddles, and Gauss-Newton's are safer.
+        newton = normal - curvature * mask
+        definite = _cholesky(_plus_diagonal(newton, 1e-10 * scale))[1]
+        hessian = np.where(definite[:, None, None], newton, normal)
+    factor, solved = _cholesky(_plus_diagonal(hessian, regulariser))
     step = _cholesky_solve(factor, gradient)
     solved &= np.isfinite(step).all(1)
     return np.where(solved[:, None], step, 0.0), hessian, solved
+
+
+_MAX_LOG_WIDTH_STEP = 1.0
+"""A step changes the diagonal Cholesky entries of the precision (the log inverse widths) by at
+most this much (a factor e in width): a sub-pixel profile's first Gauss-Newton step can
+otherwise leap across the basins of its several local minima."""
+
+
+def _limit_width_change(step, settings: _Settings):
+    """step (n, P) scaled down per image where it would change a log inverse width by more
+    than _MAX_LOG_WIDTH_STEP."""
+    start = _shape_slice(settings).start
+    largest = np.abs(step[:, [start + 2, start + 4]]).max(1)
+    return step * np.minimum(1.0, _MAX_LOG_WIDTH_STEP / np.maximum(largest, 1e-300))[:, None]
 
 
 def _predicted_reduction(step, hessian, gradient):
@@ -1037,6 +1054,7 @@ def _levenberg_marquardt(model, stamps: _Stamps, starts: list, settings: _Settin
         frozen = _frozen(theta[running], gradient[running], settings, stamps)
         step, hessian, solved = _damped_step(normal[running], None if curvature is None else curvature[running],
                                              gradient[running], damping[running], frozen)
+        step = _limit_width_change(step, settings)
         predicted = _predicted_reduction(step, hessian, gradient[running])
         newtonian = solved & (damping[running] <= 1e-2)
         # float32 cannot tell a cost far below the signal's power from its own rounding.
@@ -1115,12 +1133,36 @@ def _block_average(y, binning: int) -> np.ndarray:
     return rows.astype(np.float64) / binning ** 2
 
 
+def _median(rows) -> np.ndarray:
+    """Median of each row of (n, m): np.partition, ten times faster than np.median here."""
+    m = rows.shape[1]
+    middle = np.partition(rows, [(m - 1) // 2, m // 2], axis=1)
+    return 0.5 * (middle[:, (m - 1) // 2] + middle[:, m // 2])
+
+
 def _border_median(y):
     """Median of each image's outer frame, a tenth of the side wide (at least 1 pixel): (n,)."""
     width = max(1, min(y.shape[1:]) // 10)
     mask = np.ones(y.shape[1:], bool)
     mask[width:-width, width:-width] = False
-    return np.median(y[:, mask], axis=1)
+    return _median(y[:, mask])
+
+
+def _thresholded_moments(image, gx, gy):
+    """Centre and covariance (x0, y0, sxx, sxy, syy), each (n,), of the pixels more than three
+    robust standard deviations (1.4826 x the median absolute deviation) above zero, weighted by
+    their values: the moment guess an astronomer would write, which sees a galaxy as a whole
+    where adaptive moments may lock onto a brighter compact neighbour."""
+    flat = image.reshape(len(image), -1)
+    noise = 1.4826 * _median(np.abs(flat - _median(flat)[:, None]))
+    weight = np.where(flat > 3 * noise[:, None], flat, 0.0)
+    empty = weight.sum(1) <= 0
+    weight[empty] = np.maximum(flat[empty], 0.0) + 1e-300
+    x0, y0 = np.zeros(len(image)), np.zeros(len(image))
+    m = _moments(weight.reshape(image.shape)[:, None], gx[None, :] - x0[:, None], gy[None, :] - y0[:, None])[:, 0]
+    total = m[:, 0]
+    mx, my = m[:, 1] / total, m[:, 5] / total
+    return mx, my, m[:, 2] / total - mx * mx, m[:, 6] / total - mx * my, m[:, 10] / total - my * my
 
 
 def _box_smoothed(image):
@@ -1133,23 +1175,26 @@ def _box_smoothed(image):
     return total / count
 
 
-def _adaptive_moments(image, gx, gy, binning: int, iterations: int = 6):
-    """Centre (x0, y0) and covariance (sxx, sxy, syy), each (n,), from Gaussian-weighted moments.
-
-    image (n, h, w) on pixel centres gx (w,), gy (h,). The weight starts 3 pixels wide at the
-    brightest point of the 3x3-smoothed image and is iterated towards its fixed point, weight
-    covariance = 2 x weighted covariance, which for a Gaussian profile is its own covariance;
-    the window keeps distant noise out of the moments.
-    """
+def _brightest_point(image, gx, gy):
+    """(x0, y0), each (n,): the brightest pixel of the 3x3-smoothed images (n, h, w) on pixel
+    centres gx (w,), gy (h,); the middle where nothing is above zero."""
     smoothed = _box_smoothed(image).reshape(len(image), -1)
     peak = smoothed.argmax(1)
     brightest = smoothed[np.arange(len(image)), peak]
     width = image.shape[2]
-    # An image with nothing above zero has no brightest point: start from its centre.
-    x0 = np.where(brightest > 0, gx[peak % width], 0.0)
-    y0 = np.where(brightest > 0, gy[peak // width], 0.0)
+    return (np.where(brightest > 0, gx[peak % width], 0.0), np.where(brightest > 0, gy[peak // width], 0.0))
+
+
+def _adaptive_moments(image, gx, gy, binning: int, x0, y0, sxx, sxy, syy, iterations: int = 6):
+    """Centre (x0, y0) and covariance (sxx, sxy, syy), each (n,), from Gaussian-weighted moments.
+
+    image (n, h, w) on pixel centres gx (w,), gy (h,). The weight starts at the given centre and
+    covariance and is iterated towards its fixed point, weight covariance = 2 x weighted
+    covariance, which for a Gaussian profile is its own covariance; the window keeps distant
+    noise out of the moments.
+    """
     low, high = 0.25, float(max(-gx[0], -gy[0], 1.0)) ** 2
-    sxx, sxy, syy = np.full(len(image), 9.0), np.zeros(len(image)), np.full(len(image), 9.0)
+    sxx, sxy, syy = _clip_eigenvalues(sxx, sxy, syy, low, high)
     for _ in range(iterations):
         dx, dy = gx[None, :] - x0[:, None], gy[None, :] - y0[:, None]
         weight = np.exp(_quadratic_form(dx, dy, *_inverse_2x2(sxx, sxy, syy), -0.5, np.empty(image.shape)))
@@ -1193,8 +1238,10 @@ def _gaussian_starts(stamps: _Stamps, settings: _Settings) -> list[np.ndarray]:
     """Two starting thetas (n, P) for the Gaussian, the solver keeping the better per image.
 
     The first is the best of several candidates on the coarse (3x3 block-averaged) images, at a
-    ninth of the cost: the adaptive-moments ellipse and round profiles of several widths
-    centred where it is; the one with the lowest squared error, less the widening by the block
+    ninth of the cost: the adaptive-moments ellipse from the brightest point, round profiles of
+    several widths centred where it is, and the adaptive-moments ellipse from the moments of
+    the pixels above three standard deviations (which sees a galaxy beside a brighter compact
+    neighbour); the one with the lowest squared error, less the widening by the block
     averaging. Moments alone mislead on cuspy profiles, which they shrink towards a point.
     The second is the brightest pixel's own Gaussian (``_peak_start``), which a steep cusp
     prefers and the coarse images cannot show.
@@ -1204,18 +1251,24 @@ def _gaussian_starts(stamps: _Stamps, settings: _Settings) -> list[np.ndarray]:
     gx = np.arange(coarse.shape[2]) * binning + (binning - 1) / 2.0 - stamps.cx
     gy = np.arange(coarse.shape[1]) * binning + (binning - 1) / 2.0 - stamps.cy
     sky = _border_median(coarse) if settings.fit_sky else np.zeros(len(coarse))
-    x0, y0, sxx, sxy, syy = _adaptive_moments(coarse - sky[:, None, None], gx, gy, binning)
+    image = coarse - sky[:, None, None]
+    round_window = (np.full(len(image), 9.0), np.zeros(len(image)), np.full(len(image), 9.0))
+    x0, y0, sxx, sxy, syy = _adaptive_moments(image, gx, gy, binning, *_brightest_point(image, gx, gy),
+                                              *round_window)
     blur = (binning ** 2 - 1) / 12.0
-    candidates = [(sxx + blur, sxy, syy + blur)] + [(np.full_like(x0, w * w + blur), np.zeros_like(x0),
-                                                     np.full_like(x0, w * w + blur)) for w in _START_WIDTHS]
-    costs = np.stack([_coarse_cost(coarse, gx, gy, x0, y0, *_inverse_2x2(*cov), settings.fit_sky)
-                      for cov in candidates], 1)
-    best = costs.argmin(1)
-    sxx, sxy, syy = (np.stack([cov[k] for cov in candidates], 1)[np.arange(len(x0)), best] for k in range(3))
     low, high = settings.width_bounds
+    candidates = [(x0, y0, sxx + blur, sxy, syy + blur)] + [
+        (x0, y0, np.full_like(x0, w * w + blur), np.zeros_like(x0), np.full_like(x0, w * w + blur))
+        for w in _START_WIDTHS]
+    whole = _adaptive_moments(image, gx, gy, binning, *_thresholded_moments(image, gx, gy))
+    candidates.append(whole[:2] + (whole[2] + blur, whole[3], whole[4] + blur))
+    costs = np.stack([_coarse_cost(coarse, gx, gy, cx, cy, *_inverse_2x2(*cov), settings.fit_sky)
+                      for cx, cy, *cov in candidates], 1)
+    x0, y0, sxx, sxy, syy = (np.stack([c[k] for c in candidates], 1)[np.arange(len(x0)), costs.argmin(1)]
+                             for k in range(5))
     covariance = _clip_eigenvalues(sxx - blur, sxy, syy - blur, low ** 2, high ** 2)
     return [_gaussian_theta(x0, y0, *_inverse_2x2(*covariance), sky, settings),
-            _peak_start(stamps, sky, settings)]
+            _peak_start(stamps, x0, y0, sky, settings)]
 
 
 def _gaussian_theta(x0, y0, a, b, c, sky, settings: _Settings) -> np.ndarray:
@@ -1239,23 +1292,24 @@ def _peak_design() -> np.ndarray:
 _PEAK_FIT = _peak_design()
 
 
-def _peak_start(stamps: _Stamps, sky, settings: _Settings) -> np.ndarray:
-    """theta (n, P): the Gaussian through the brightest pixel and its 8 neighbours.
+def _peak_start(stamps: _Stamps, x0, y0, sky, settings: _Settings) -> np.ndarray:
+    """theta (n, P): the Gaussian through the brightest pixel near (x0, y0) and its 8 neighbours.
 
-    A quadratic fitted to the logarithm of the 3 x 3 patch (less the sky) gives the peak's
-    sub-pixel centre and curvature; widths are kept between 0.15 and 3 pixels, the centre
-    within a pixel of the brightest one.
+    The brightest pixel within 4 pixels of (x0, y0) (the coarse start's centre, so that the two
+    starts describe the same object); a quadratic fitted to the logarithm of its 3 x 3 patch
+    (less the sky) gives the peak's sub-pixel centre and curvature; widths are kept between
+    0.15 and 3 pixels, the centre within a pixel of the brightest one.
     """
-    y = stamps.y32
-    n, height, width = y.shape
-    peak = y.reshape(n, -1).argmax(1)
-    row = np.clip(peak // width, 1, height - 2)
-    column = np.clip(peak % width, 1, width - 2)
-    offsets = np.arange(-1, 2)
-    patch = y[np.arange(n)[:, None, None], (row[:, None] + offsets)[:, :, None],
-              (column[:, None] + offsets)[:, None, :]].astype(np.float64) - sky[:, None, None]
-    top = np.maximum(patch[:, 1, 1], 1e-300)
-    coefficients = np.log(np.maximum(patch.reshape(n, 9), 1e-3 * top[:, None])) @ _PEAK_FIT.T
+    n, height, width = stamps.y32.shape
+    side = min(9, height, width)
+    top = np.clip(np.rint(y0 + stamps.cy).astype(np.int64) - side // 2, 0, height - side)
+    left = np.clip(np.rint(x0 + stamps.cx).astype(np.int64) - side // 2, 0, width - side)
+    peak = stamps.windows(np.arange(n), top, left, side, side).reshape(n, -1).argmax(1)
+    row = np.clip(top + peak // side, 1, height - 2)
+    column = np.clip(left + peak % side, 1, width - 2)
+    patch = stamps.windows(np.arange(n), row - 1, column - 1, 3, 3).astype(np.float64) - sky[:, None, None]
+    brightest = np.maximum(patch[:, 1, 1], 1e-300)
+    coefficients = np.log(np.maximum(patch.reshape(n, 9), 1e-3 * brightest[:, None])) @ _PEAK_FIT.T
     low, high = settings.width_bounds
     a, b, c = _clip_eigenvalues(-2 * coefficients[:, 3], -coefficients[:, 4], -2 * coefficients[:, 5],
                                 max(1.0 / 9.0, 1.0 / high ** 2), min(1.0 / 0.15 ** 2, 1.0 / low ** 2))
