@@ -77,6 +77,11 @@ _FLOAT32_FLOOR = 1e-10
 """Newton reductions below this fraction of the model's signal power sum(model^2) are under
 float32's resolution (measured agreement with float64 to 1.5e-11): such fits finish in float64."""
 
+_LAST_STEP = 1e-5
+"""A Newton step (exact Hessian, barely damped) that promises less than this fraction of the
+squared error is the last: with quadratic convergence what remains after it is of order its
+square, far below the tolerance."""
+
 _FLOAT32_RESOLVED = 1e-5
 """Fits with squared errors below this fraction of the signal power (noiseless images) are
 finished in float64: float32's rounding of the model is then a large part of the residual."""
@@ -660,21 +665,23 @@ class _Gaussian:
                 dx = ((left[block, None] + np.arange(width)) - stamps.cx - shape[rows, 0, None]).astype(dtype)
                 dy = ((top[block, None] + np.arange(height)) - stamps.cy - shape[rows, 1, None]).astype(dtype)
                 h = np.exp(_quadratic_form(dx, dy, a[rows], b[rows], c[rows], -0.5, np.empty(y.shape, dtype)))
-                weights = np.empty((len(rows), n_moments) + y.shape[1:], dtype)
-                np.multiply(h, h, out=weights[:, 0])
-                np.multiply(h, y, out=weights[:, 1])
-                if settings.fit_sky:
-                    weights[:, 2] = h
-                moments = _moments(weights, dx, dy)
                 if derivatives:
-                    evaluation.moments[rows] = moments
+                    weights = np.empty((len(rows), n_moments) + y.shape[1:], dtype)
+                    np.multiply(h, h, out=weights[:, 0])
+                    np.multiply(h, y, out=weights[:, 1])
+                    if settings.fit_sky:
+                        weights[:, 2] = h
+                    moments = evaluation.moments[rows] = _moments(weights, dx, dy)
+                    sums = (moments[:, 0, 0], moments[:, 1, 0], moments[:, 2, 0] if settings.fit_sky else None)
+                else:
+                    sums = (_sum_products(h, h), _sum_products(h, y),
+                            h.reshape(len(h), -1).sum(1, dtype=np.float64) if settings.fit_sky else None)
                 outside = None
                 if not whole:
                     flat = y.reshape(len(y), -1)
                     outside = (stamps.squares[ids] - np.einsum("ij,ij->i", flat, flat),
                                (stamps.sums[ids] - flat.sum(1)) if settings.fit_sky else None,
                                stamps.pixels - height * width)
-                sums = (moments[:, 0, 0], moments[:, 1, 0], moments[:, 2, 0] if settings.fit_sky else None)
                 _linear_and_cost(evaluation, rows, stamps, ids, theta[rows], h, y, sums, settings, outside)
         return evaluation
 
@@ -1001,8 +1008,8 @@ def _damped_step(normal, curvature, gradient, damping, frozen):
 
     H is the exact Hessian J^T J - S where curvature S is given and H is positive definite,
     else Gauss-Newton's J^T J. damping: (n,) lambda; frozen entries get a zero step.
-    Returns (step (n, P), the H used (n, P, P), solved (n,) bool); where no system can be
-    solved the step is zero and solved is False.
+    Returns (step (n, P), the H used (n, P, P), solved (n,) bool, exact (n,) bool: H is the
+    exact Hessian); where no system can be solved the step is zero and solved is False.
     """
     keep = (~frozen).astype(normal.dtype)
     mask = keep[:, :, None] * keep[:, None, :]
@@ -1023,7 +1030,8 @@ def _damped_step(normal, curvature, gradient, damping, frozen):
     factor, solved = _cholesky(_plus_diagonal(hessian, regulariser))
     step = _cholesky_solve(factor, gradient)
     solved &= np.isfinite(step).all(1)
-    return np.where(solved[:, None], step, 0.0), hessian, solved
+    exact = definite if curvature is not None else np.zeros(len(solved), bool)
+    return np.where(solved[:, None], step, 0.0), hessian, solved, exact
 
 
 _MAX_LOG_WIDTH_STEP = 1.0
@@ -1054,12 +1062,36 @@ def _nielsen_update(damping, growth, accept, gain_ratio):
             np.where(accept, 2.0, growth * 2))
 
 
+def _evaluate_where(model, stamps: _Stamps, index, theta, settings: _Settings, dtype, derivatives) -> _Evaluation:
+    """model.evaluate of images index at theta, with the moments only where derivatives (n,) is set."""
+    if derivatives.all() or not derivatives.any():
+        return model.evaluate(stamps, index, theta, settings, dtype, bool(derivatives.any()))
+    evaluation = _Evaluation.empty(len(theta), theta.shape[1], 0, 0, False)
+    for part, wanted in ((np.nonzero(derivatives)[0], True), (np.nonzero(~derivatives)[0], False)):
+        result = model.evaluate(stamps, index[part], theta[part], settings, dtype, wanted)
+        evaluation.theta[part], evaluation.cost[part], evaluation.signal[part] = result.theta, result.cost, result.signal
+        if wanted:
+            evaluation.moments = np.zeros((len(theta),) + result.moments.shape[1:])
+            evaluation.moments[part] = result.moments
+            if result.plain is not None:
+                evaluation.plain = np.zeros((len(theta),) + result.plain.shape[1:])
+                evaluation.plain[part] = result.plain
+    return evaluation
+
+
 def _best_start(model, stamps, starts: list, settings, index, dtype) -> _Evaluation:
-    """The evaluation, with derivatives, of the lowest-cost start per image."""
-    best = None
-    for start in starts:
-        evaluation = model.evaluate(stamps, index, _project(start, settings, stamps), settings, dtype)
-        best = evaluation if best is None else best.where(evaluation.cost < best.cost, evaluation)
+    """The evaluation, with derivatives, of the lowest-cost start per image; starts after the
+    first may leave images out (rows of NaN)."""
+    best = model.evaluate(stamps, index, _project(starts[0], settings, stamps), settings, dtype)
+    for start in starts[1:]:
+        given = np.nonzero(np.isfinite(start).all(1))[0]
+        if len(given):
+            evaluation = model.evaluate(stamps, index[given], _project(start[given], settings, stamps), settings, dtype)
+            better = evaluation.cost < best.cost[given]
+            best_given = best.take(given).where(better, evaluation)
+            for field_name in ("theta", "cost", "signal", "moments", "plain"):
+                if getattr(best, field_name) is not None:
+                    getattr(best, field_name)[given] = getattr(best_given, field_name)
     return best
 
 
@@ -1095,8 +1127,9 @@ def _levenberg_marquardt(model, stamps: _Stamps, starts: list, settings: _Settin
             break
         old_cost = cost[running]
         frozen = _frozen(theta[running], gradient[running], settings, stamps)
-        step, hessian, solved = _damped_step(normal[running], None if curvature is None else curvature[running],
-                                             gradient[running], damping[running], frozen)
+        step, hessian, solved, exact_hessian = _damped_step(
+            normal[running], None if curvature is None else curvature[running], gradient[running],
+            damping[running], frozen)
         step = _limit_width_change(step, settings)
         predicted = _predicted_reduction(step, hessian, gradient[running])
         newtonian = solved & (damping[running] <= 1e-2)
@@ -1109,11 +1142,15 @@ def _levenberg_marquardt(model, stamps: _Stamps, starts: list, settings: _Settin
         converged[running[settled]] = True
         limited[running[floor]] = True
         keep = ~(settled | floor)
-        running, step, predicted, solved, old_cost = (v[keep] for v in (running, step, predicted, solved, old_cost))
+        running, step, predicted, solved, old_cost, newtonian, resolved, exact_hessian = (
+            v[keep] for v in (running, step, predicted, solved, old_cost, newtonian, resolved, exact_hessian))
         if len(running) == 0:
             break
-        trial = model.evaluate(stamps, index[running], _project(theta[running] + step, settings, stamps),
-                               settings, dtype)
+        # A Newton step (exact Hessian) this small lands within tolerance of the minimum, the
+        # error squaring: no normal equations are needed where it ends.
+        last = newtonian & resolved & exact_hessian & (predicted <= _LAST_STEP * old_cost)
+        trial = _evaluate_where(model, stamps, index[running], _project(theta[running] + step, settings, stamps),
+                                settings, dtype, ~last)
         noise = 0.0
         if float32:
             noise = _FLOAT32_COST_NOISE * (old_cost + np.sqrt(old_cost * signal[running]))
@@ -1125,7 +1162,8 @@ def _levenberg_marquardt(model, stamps: _Stamps, starts: list, settings: _Settin
             damping[running], growth[running], accept, (old_cost - trial.cost) / np.maximum(predicted, 1e-300))
         iterations[running] += 1
         exact = accept & (trial.cost <= 1e-28 * stamps.squares[index[running]]) & (not float32)
-        finished = negligible | (damping[running] > 1e12) | exact
+        landed = accept & last
+        finished = negligible | (damping[running] > 1e12) | exact | landed
         taken = running[accept]
         theta[taken], cost[taken], signal[taken] = trial.theta[accept], trial.cost[accept], trial.signal[accept]
         # The normal equations are only needed where the solver goes on from the new point.
@@ -1135,7 +1173,7 @@ def _levenberg_marquardt(model, stamps: _Stamps, starts: list, settings: _Settin
             normal[running[going_on]], gradient[running[going_on]] = new[0], new[2]
             if curvature is not None:
                 curvature[running[going_on]] = new[1]
-        stalled = finished & ~negligible & ~exact
+        stalled = finished & ~negligible & ~exact & ~landed
         if float32:
             limited[running[stalled]] = True
         converged[running[finished & ~(stalled & float32)]] = True
@@ -1311,8 +1349,10 @@ def _gaussian_starts(stamps: _Stamps, settings: _Settings) -> list[np.ndarray]:
     x0, y0, sxx, sxy, syy = (np.stack([c[k] for c in candidates], 1)[np.arange(len(x0)), costs.argmin(1)]
                              for k in range(5))
     covariance = _clip_eigenvalues(sxx - blur, sxy, syy - blur, low ** 2, high ** 2)
-    return [_gaussian_theta(x0, y0, *_inverse_2x2(*covariance), sky, settings),
-            _peak_start(stamps, x0, y0, sky, settings)]
+    peak = _peak_start(stamps, x0, y0, sky, settings)
+    # Only a compact profile can prefer its brightest pixel's own Gaussian.
+    peak[_eigen(*covariance)[0] > _PEAK_START_MAX_WIDTH ** 2] = np.nan
+    return [_gaussian_theta(x0, y0, *_inverse_2x2(*covariance), sky, settings), peak]
 
 
 def _gaussian_theta(x0, y0, a, b, c, sky, settings: _Settings) -> np.ndarray:
@@ -1325,6 +1365,11 @@ def _gaussian_theta(x0, y0, a, b, c, sky, settings: _Settings) -> np.ndarray:
     theta[:, shape.start + 1] = y0
     theta[:, shape.start + 2:shape.stop] = np.stack(_cholesky_parameters(a, b, c), 1)
     return theta
+
+
+_PEAK_START_MAX_WIDTH = 3.0
+"""The brightest pixel's Gaussian is tried only where the coarse start's major axis is at most
+this many pixels (sigma)."""
 
 
 def _peak_design() -> np.ndarray:
