@@ -66,7 +66,7 @@ _ITERATION_WINDOW_Q = 30.0
 this (there it is above exp(-15) = 3e-7 of its peak); what lies beyond moves the optimum by a
 negligible amount (second order in that fraction). The reported fit is evaluated everywhere."""
 
-_WINDOW_SIDES = (9, 13, 19, 27, 39, 55)
+_WINDOW_SIDES = (11, 19, 31, 47)
 """Window sides (pixels) tried in turn before the whole stamp; images of one side go together."""
 
 _FLOAT32_COST_NOISE = 1e-6
@@ -519,24 +519,24 @@ def _second_polynomials(shape):
     return (values @ _SECOND).reshape(len(shape), _SHAPE_PARAMETERS, _SHAPE_PARAMETERS, 9)
 
 
-def _powers(d, dtype) -> np.ndarray:
-    """(n, L) offsets -> (n, L, 5) in dtype: d^0 ... d^4."""
-    out = np.empty(d.shape + (5,), dtype)
+def _powers(d, dtype, order: int = 4) -> np.ndarray:
+    """(n, L) offsets -> (n, L, order + 1) in dtype: d^0 ... d^order."""
+    out = np.empty(d.shape + (order + 1,), dtype)
     out[..., 0] = 1.0
     out[..., 1] = d
-    np.multiply(out[..., 1], out[..., 1], out=out[..., 2])
-    np.multiply(out[..., 2], out[..., 1], out=out[..., 3])
-    np.multiply(out[..., 2], out[..., 2], out=out[..., 4])
+    for k in range(2, order + 1):
+        np.multiply(out[..., k - 1], out[..., 1], out=out[..., k])
     return out
 
 
-def _moments(weights, dx, dy) -> np.ndarray:
-    """sum_p w_p dy^b dx^a for a, b <= 4: weights (m, k, h, w), dx (m, w), dy (m, h) in the
-    weights' dtype -> (m, k, 25) float64, index b * 5 + a. Rows first, then columns: two small
-    matrix products per image instead of one per moment."""
-    rows = np.matmul(_powers(dy, weights.dtype).transpose(0, 2, 1)[:, None], weights)   # (m, k, 5, w)
-    moments = np.matmul(rows, _powers(dx, weights.dtype)[:, None])                      # (m, k, 5, 5)
-    return moments.reshape(len(weights), weights.shape[1], 25).astype(np.float64)
+def _moments(weights, dx, dy, order: int = 4) -> np.ndarray:
+    """sum_p w_p dy^b dx^a for a, b <= order: weights (m, k, h, w), dx (m, w), dy (m, h) ->
+    (m, k, (order + 1)^2) float64, index b * (order + 1) + a, summed in the weights' dtype. Rows
+    first, then columns: two small matrix products per image instead of one per moment."""
+    dtype = weights.dtype
+    rows = np.matmul(_powers(dy, dtype, order).transpose(0, 2, 1)[:, None], weights)   # (m, k, o+1, w)
+    moments = np.matmul(rows, _powers(dx, dtype, order)[:, None])                      # (m, k, o+1, o+1)
+    return moments.reshape(len(weights), weights.shape[1], (order + 1) ** 2).astype(np.float64)
 
 
 def _quadratic_form(dx, dy, a, b, c, factor: float, out) -> np.ndarray:
@@ -1020,18 +1020,38 @@ def _damped_step(normal, curvature, gradient, damping, frozen):
     # still gets a finite, small step instead of a singular system.
     scale = np.maximum(diagonal, 1e-12 * diagonal.max(1, keepdims=True) + 1e-300)
     regulariser = damping[:, None] * np.where(frozen, 1.0, scale)
-    hessian = normal
+    hessian, exact = normal, np.zeros(len(normal), bool)
     if curvature is not None:
         # Newton only where the exact Hessian is itself positive definite (near a minimum);
         # elsewhere its damped steps head for saddles, and Gauss-Newton's are safer.
         newton = normal - curvature * mask
-        definite = _cholesky(_plus_diagonal(newton, 1e-10 * scale))[1]
-        hessian = np.where(definite[:, None, None], newton, normal)
-    factor, solved = _cholesky(_plus_diagonal(hessian, regulariser))
-    step = _cholesky_solve(factor, gradient)
-    solved &= np.isfinite(step).all(1)
-    exact = definite if curvature is not None else np.zeros(len(solved), bool)
+        exact = _positive_definite(_plus_diagonal(newton, 1e-10 * scale))
+        hessian = np.where(exact[:, None, None], newton, normal)
+    step, solved = _solve_positive_definite(_plus_diagonal(hessian, regulariser), gradient)
     return np.where(solved[:, None], step, 0.0), hessian, solved, exact
+
+
+def _positive_definite(matrix) -> np.ndarray:
+    """(n,) bool: which matrices of the batch (n, P, P) are positive definite. LAPACK's batched
+    Cholesky when all are (the usual case), else the vectorised factorisation's verdicts."""
+    try:
+        np.linalg.cholesky(matrix)
+        return np.ones(len(matrix), bool)
+    except np.linalg.LinAlgError:
+        return _cholesky(matrix)[1]
+
+
+def _solve_positive_definite(matrix, vector):
+    """(x (n, P), solved (n,) bool) with matrix x = vector for a batch of (nearly always)
+    positive definite matrices; where one is not, or the solution is not finite, solved is False."""
+    try:
+        solution = np.linalg.solve(matrix, vector[..., None])[..., 0]
+        solved = np.isfinite(solution).all(1)
+    except np.linalg.LinAlgError:
+        factor, solved = _cholesky(matrix)
+        solution = _cholesky_solve(factor, vector)
+        solved &= np.isfinite(solution).all(1)
+    return solution, solved
 
 
 _MAX_LOG_WIDTH_STEP = 1.0
@@ -1206,13 +1226,19 @@ def _binning(stamps: _Stamps) -> int:
 
 
 def _block_average(y, binning: int) -> np.ndarray:
-    """(n, H // b, W // b) float64 means of b x b blocks (trailing rows and columns dropped)."""
-    if binning == 1:
-        return y.astype(np.float64)
-    height, width = y.shape[1] // binning * binning, y.shape[2] // binning * binning
-    columns = sum(y[:, :height, k:width:binning] for k in range(binning))
-    rows = sum(columns[:, k::binning] for k in range(binning))
-    return rows.astype(np.float64) / binning ** 2
+    """(n, H // b, W // b) float64 means of b x b blocks (trailing rows and columns dropped):
+    rows then columns, each as b - 1 additions of strided views."""
+    n = len(y)
+    height, width = y.shape[1] // binning, y.shape[2] // binning
+    rows = y[:, :height * binning].reshape(n, height, binning, y.shape[2])
+    total = rows[:, :, 0].copy()
+    for k in range(1, binning):
+        total += rows[:, :, k]
+    columns = total[:, :, :width * binning].reshape(n, height, width, binning)
+    blocks = columns[..., 0].copy()
+    for k in range(1, binning):
+        blocks += columns[..., k]
+    return blocks.astype(np.float64) / binning ** 2
 
 
 def _median(rows) -> np.ndarray:
@@ -1222,39 +1248,59 @@ def _median(rows) -> np.ndarray:
     return 0.5 * (middle[:, (m - 1) // 2] + middle[:, m // 2])
 
 
-def _border_median(y):
-    """Median of each image's outer frame, a tenth of the side wide (at least 1 pixel): (n,)."""
+def _border(y) -> np.ndarray:
+    """(n, k) pixels of each image's outer frame, a tenth of the side wide (at least 1 pixel)."""
     width = max(1, min(y.shape[1:]) // 10)
     mask = np.ones(y.shape[1:], bool)
     mask[width:-width, width:-width] = False
-    return _median(y[:, mask])
+    return y[:, mask]
+
+
+def _second_moments(weight, gx, gy, x0, y0):
+    """(total, mean x, mean y, cxx, cxy, cyy), each (n,), of weights (n, h, w) on pixel centres
+    gx (w,), gy (h,), the means and covariance about (x0, y0); where the total is not positive
+    the means are zero and the covariance meaningless."""
+    m = _moments(weight[:, None], gx[None, :] - x0[:, None], gy[None, :] - y0[:, None], order=2)[:, 0]
+    total = m[:, 0]
+    safe = np.where(total > 0, total, 1.0)
+    mx, my = np.where(total > 0, m[:, 1] / safe, 0.0), np.where(total > 0, m[:, 3] / safe, 0.0)
+    return total, mx, my, m[:, 2] / safe - mx * mx, m[:, 4] / safe - mx * my, m[:, 6] / safe - my * my
 
 
 def _thresholded_moments(image, gx, gy):
     """Centre and covariance (x0, y0, sxx, sxy, syy), each (n,), of the pixels more than three
-    robust standard deviations (1.4826 x the median absolute deviation) above zero, weighted by
-    their values: the moment guess an astronomer would write, which sees a galaxy as a whole
-    where adaptive moments may lock onto a brighter compact neighbour."""
-    flat = image.reshape(len(image), -1)
-    noise = 1.4826 * _median(np.abs(flat - _median(flat)[:, None]))
-    weight = np.where(flat > 3 * noise[:, None], flat, 0.0)
-    empty = weight.sum(1) <= 0
-    weight[empty] = np.maximum(flat[empty], 0.0) + 1e-300
-    x0, y0 = np.zeros(len(image)), np.zeros(len(image))
-    m = _moments(weight.reshape(image.shape)[:, None], gx[None, :] - x0[:, None], gy[None, :] - y0[:, None])[:, 0]
-    total = m[:, 0]
-    mx, my = m[:, 1] / total, m[:, 5] / total
-    return mx, my, m[:, 2] / total - mx * mx, m[:, 6] / total - mx * my, m[:, 10] / total - my * my
+    robust standard deviations (1.4826 x the median absolute deviation of the frame) above zero,
+    weighted by their values: the moment guess an astronomer would write, which sees a galaxy as
+    a whole where adaptive moments may lock onto a brighter compact neighbour."""
+    frame = _border(image)
+    noise = 1.4826 * _median(np.abs(frame - _median(frame)[:, None]))
+    weight = np.where(image > 3 * noise[:, None, None], image, 0.0)
+    empty = weight.reshape(len(image), -1).sum(1) <= 0
+    weight[empty] = np.maximum(image[empty], 0.0)
+    zero = np.zeros(len(image))
+    return _second_moments(weight, gx, gy, zero, zero)[1:]
+
+
+@functools.lru_cache(maxsize=4)
+def _box_counts(height: int, width: int) -> np.ndarray:
+    """Pixels inside the image in each pixel's 3 x 3 neighbourhood: (height, width)."""
+    def along(size):
+        count = np.full(size, 3.0)
+        count[[0, -1]] = 2.0
+        return count if size > 1 else np.ones(1)
+    return along(height)[:, None] * along(width)[None, :]
 
 
 def _box_smoothed(image):
     """3 x 3 running mean of (n, h, w) images, over the pixels inside the image only."""
-    padded = np.pad(image, ((0, 0), (1, 1), (1, 1)))
-    ones = np.pad(np.ones(image.shape[1:]), 1)
-    h, w = image.shape[1:]
-    total = sum(padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3))
-    count = sum(ones[i:i + h, j:j + w] for i in range(3) for j in range(3))
-    return total / count
+    n, height, width = image.shape
+    padded = np.zeros((n, height + 2, width + 2))
+    padded[:, 1:-1, 1:-1] = image
+    rows = padded[:, :-2] + padded[:, 1:-1]
+    rows += padded[:, 2:]
+    total = rows[:, :, :-2] + rows[:, :, 1:-1]
+    total += rows[:, :, 2:]
+    return total / _box_counts(height, width)
 
 
 def _brightest_point(image, gx, gy):
@@ -1267,36 +1313,29 @@ def _brightest_point(image, gx, gy):
     return (np.where(brightest > 0, gx[peak % width], 0.0), np.where(brightest > 0, gy[peak // width], 0.0))
 
 
-def _adaptive_moments(image, gx, gy, binning: int, x0, y0, sxx, sxy, syy, iterations: int = 6):
+def _adaptive_moments(image, gx, gy, binning: int, x0, y0, sxx, sxy, syy, iterations: int = 4):
     """Centre (x0, y0) and covariance (sxx, sxy, syy), each (n,), from Gaussian-weighted moments.
 
     image (n, h, w) on pixel centres gx (w,), gy (h,). The weight starts at the given centre and
     covariance and is iterated towards its fixed point, weight covariance = 2 x weighted
     covariance, which for a Gaussian profile is its own covariance; the window keeps distant
-    noise out of the moments.
+    noise out of the moments. (The solver refines the result: a few iterations suffice.)
     """
     low, high = 0.25, float(max(-gx[0], -gy[0], 1.0)) ** 2
     sxx, sxy, syy = _clip_eigenvalues(sxx, sxy, syy, low, high)
     for _ in range(iterations):
         dx, dy = gx[None, :] - x0[:, None], gy[None, :] - y0[:, None]
         weight = np.exp(_quadratic_form(dx, dy, *_inverse_2x2(sxx, sxy, syy), -0.5, np.empty(image.shape)))
-        m = _moments((weight * image)[:, None], dx, dy)[:, 0]
-        total = m[:, 0]
+        weight *= image
+        total, mx, my, cxx, cxy, cyy = _second_moments(weight, gx, gy, x0, y0)
         usable = total > 0
-        safe = np.where(usable, total, 1.0)
-        mx, my = m[:, 1] / safe, m[:, 5] / safe
-        new = _clip_eigenvalues(2 * (m[:, 2] / safe - mx * mx), 2 * (m[:, 6] / safe - mx * my),
-                                2 * (m[:, 10] / safe - my * my), low, high)
+        new = _clip_eigenvalues(2 * cxx, 2 * cxy, 2 * cyy, low, high)
         x0 = np.where(usable, np.clip(x0 + mx, gx[0], -gx[0]), x0)
         y0 = np.where(usable, np.clip(y0 + my, gy[0], -gy[0]), y0)
         sxx, sxy, syy = (np.where(usable, fresh, old) for fresh, old in zip(new, (sxx, sxy, syy)))
     # Block averaging widened the profile by the variance of a uniform block less one pixel's.
     blur = (binning ** 2 - 1) / 12.0
     return (x0, y0) + _clip_eigenvalues(sxx - blur, sxy, syy - blur, low, high)
-
-
-_START_WIDTHS = (1.0, 2.0, 4.0, 8.0, 16.0)
-"""Widths (pixels) of the round Gaussians tried, besides adaptive moments, as starting points."""
 
 
 def _coarse_cost(coarse, gx, gy, x0, y0, a, b, c, sky_fitted: bool):
@@ -1319,31 +1358,26 @@ def _coarse_cost(coarse, gx, gy, x0, y0, a, b, c, sky_fitted: bool):
 def _gaussian_starts(stamps: _Stamps, settings: _Settings) -> list[np.ndarray]:
     """Two starting thetas (n, P) for the Gaussian, the solver keeping the better per image.
 
-    The first is the best of several candidates on the coarse (3x3 block-averaged) images, at a
-    ninth of the cost: the adaptive-moments ellipse from the brightest point, round profiles of
-    several widths centred where it is, and the adaptive-moments ellipse from the moments of
-    the pixels above three standard deviations (which sees a galaxy beside a brighter compact
+    The first is the better of two adaptive-moments ellipses on the coarse (3x3 block-averaged)
+    images, at a ninth of the cost: one from the brightest point, one from the moments of the
+    pixels above three standard deviations (which sees a galaxy beside a brighter compact
     neighbour); the one with the lowest squared error, less the widening by the block
-    averaging. Moments alone mislead on cuspy profiles, which they shrink towards a point.
-    The second is the brightest pixel's own Gaussian (``_peak_start``), which a steep cusp
-    prefers and the coarse images cannot show.
+    averaging. The second, for compact starts only, is the brightest pixel's own Gaussian
+    (``_peak_start``), which a steep cusp prefers and the coarse images cannot show.
     """
     binning = _binning(stamps)
     coarse = _block_average(stamps.y32, binning)
     gx = np.arange(coarse.shape[2]) * binning + (binning - 1) / 2.0 - stamps.cx
     gy = np.arange(coarse.shape[1]) * binning + (binning - 1) / 2.0 - stamps.cy
-    sky = _border_median(coarse) if settings.fit_sky else np.zeros(len(coarse))
+    sky = _median(_border(coarse)) if settings.fit_sky else np.zeros(len(coarse))
     image = coarse - sky[:, None, None]
     round_window = (np.full(len(image), 9.0), np.zeros(len(image)), np.full(len(image), 9.0))
     x0, y0, sxx, sxy, syy = _adaptive_moments(image, gx, gy, binning, *_brightest_point(image, gx, gy),
                                               *round_window)
     blur = (binning ** 2 - 1) / 12.0
     low, high = settings.width_bounds
-    candidates = [(x0, y0, sxx + blur, sxy, syy + blur)] + [
-        (x0, y0, np.full_like(x0, w * w + blur), np.zeros_like(x0), np.full_like(x0, w * w + blur))
-        for w in _START_WIDTHS]
     whole = _adaptive_moments(image, gx, gy, binning, *_thresholded_moments(image, gx, gy))
-    candidates.append(whole[:2] + (whole[2] + blur, whole[3], whole[4] + blur))
+    candidates = [(x0, y0, sxx + blur, sxy, syy + blur), whole[:2] + (whole[2] + blur, whole[3], whole[4] + blur)]
     costs = np.stack([_coarse_cost(coarse, gx, gy, cx, cy, *_inverse_2x2(*cov), settings.fit_sky)
                       for cx, cy, *cov in candidates], 1)
     x0, y0, sxx, sxy, syy = (np.stack([c[k] for c in candidates], 1)[np.arange(len(x0)), costs.argmin(1)]
