@@ -1226,8 +1226,8 @@ def _binning(stamps: _Stamps) -> int:
 
 
 def _block_average(y, binning: int) -> np.ndarray:
-    """(n, H // b, W // b) float64 means of b x b blocks (trailing rows and columns dropped):
-    rows then columns, each as b - 1 additions of strided views."""
+    """(n, H // b, W // b) means of b x b blocks (trailing rows and columns dropped), in y's
+    dtype: rows then columns, each as b - 1 additions of strided views."""
     n = len(y)
     height, width = y.shape[1] // binning, y.shape[2] // binning
     rows = y[:, :height * binning].reshape(n, height, binning, y.shape[2])
@@ -1238,7 +1238,8 @@ def _block_average(y, binning: int) -> np.ndarray:
     blocks = columns[..., 0].copy()
     for k in range(1, binning):
         blocks += columns[..., k]
-    return blocks.astype(np.float64) / binning ** 2
+    blocks *= 1.0 / binning ** 2
+    return blocks
 
 
 def _median(rows) -> np.ndarray:
@@ -1294,7 +1295,7 @@ def _box_counts(height: int, width: int) -> np.ndarray:
 def _box_smoothed(image):
     """3 x 3 running mean of (n, h, w) images, over the pixels inside the image only."""
     n, height, width = image.shape
-    padded = np.zeros((n, height + 2, width + 2))
+    padded = np.zeros((n, height + 2, width + 2), image.dtype)
     padded[:, 1:-1, 1:-1] = image
     rows = padded[:, :-2] + padded[:, 1:-1]
     rows += padded[:, 2:]
@@ -1325,7 +1326,7 @@ def _adaptive_moments(image, gx, gy, binning: int, x0, y0, sxx, sxy, syy, iterat
     sxx, sxy, syy = _clip_eigenvalues(sxx, sxy, syy, low, high)
     for _ in range(iterations):
         dx, dy = gx[None, :] - x0[:, None], gy[None, :] - y0[:, None]
-        weight = np.exp(_quadratic_form(dx, dy, *_inverse_2x2(sxx, sxy, syy), -0.5, np.empty(image.shape)))
+        weight = np.exp(_quadratic_form(dx, dy, *_inverse_2x2(sxx, sxy, syy), -0.5, np.empty_like(image)))
         weight *= image
         total, mx, my, cxx, cxy, cyy = _second_moments(weight, gx, gy, x0, y0)
         usable = total > 0
@@ -1342,12 +1343,12 @@ def _coarse_cost(coarse, gx, gy, x0, y0, a, b, c, sky_fitted: bool):
     """Squared error on the coarse images of the Gaussian with precision (a, b, c) at (x0, y0),
     amplitude (and sky) solved: (n,)."""
     dx, dy = gx[None, :] - x0[:, None], gy[None, :] - y0[:, None]
-    h = np.exp(_quadratic_form(dx, dy, a, b, c, -0.5, np.empty(coarse.shape)))
+    h = np.exp(_quadratic_form(dx, dy, a, b, c, -0.5, np.empty_like(coarse)))
     shh, shy = _sum_products(h, h), _sum_products(h, coarse)
     m = coarse.shape[1] * coarse.shape[2]
     flat = coarse.reshape(len(coarse), -1)
-    sh = h.reshape(len(h), -1).sum(1) if sky_fitted else None
-    y_sum = flat.sum(1)
+    sh = h.reshape(len(h), -1).sum(1, dtype=np.float64) if sky_fitted else None
+    y_sum = flat.sum(1, dtype=np.float64)
     amplitude, sky = _solve_linear(shh, shy, sh, y_sum if sky_fitted else None, m)
     cost = _sum_products(coarse, coarse) - 2 * amplitude * shy + amplitude ** 2 * shh
     if sky_fitted:
@@ -1356,7 +1357,20 @@ def _coarse_cost(coarse, gx, gy, x0, y0, a, b, c, sky_fitted: bool):
 
 
 def _gaussian_starts(stamps: _Stamps, settings: _Settings) -> list[np.ndarray]:
-    """Two starting thetas (n, P) for the Gaussian, the solver keeping the better per image.
+    """Two starting thetas (n, P) for the Gaussian, the solver keeping the better per image
+    (see ``_block_starts``), measured _START_BLOCK images at a time."""
+    parts = [_block_starts(stamps, np.arange(start, min(start + _START_BLOCK, len(stamps.y32))), settings)
+             for start in range(0, len(stamps.y32), _START_BLOCK)]
+    return [np.concatenate(column) for column in zip(*parts)]
+
+
+_START_BLOCK = 256
+"""Images whose starting points are measured together: a few hundred kilobytes per array,
+which the allocator recycles (larger ones come from the system afresh, page by page)."""
+
+
+def _block_starts(stamps: _Stamps, index, settings: _Settings) -> list[np.ndarray]:
+    """Two starting thetas (len(index), P) for the Gaussian fits of images index.
 
     The first is the better of two adaptive-moments ellipses on the coarse (3x3 block-averaged)
     images, at a ninth of the cost: one from the brightest point, one from the moments of the
@@ -1366,11 +1380,11 @@ def _gaussian_starts(stamps: _Stamps, settings: _Settings) -> list[np.ndarray]:
     (``_peak_start``), which a steep cusp prefers and the coarse images cannot show.
     """
     binning = _binning(stamps)
-    coarse = _block_average(stamps.y32, binning)
+    coarse = _block_average(stamps.y32[index[0]:index[-1] + 1], binning)
     gx = np.arange(coarse.shape[2]) * binning + (binning - 1) / 2.0 - stamps.cx
     gy = np.arange(coarse.shape[1]) * binning + (binning - 1) / 2.0 - stamps.cy
-    sky = _median(_border(coarse)) if settings.fit_sky else np.zeros(len(coarse))
-    image = coarse - sky[:, None, None]
+    sky = _median(_border(coarse)).astype(np.float64) if settings.fit_sky else np.zeros(len(coarse))
+    image = coarse - sky[:, None, None].astype(coarse.dtype)
     round_window = (np.full(len(image), 9.0), np.zeros(len(image)), np.full(len(image), 9.0))
     x0, y0, sxx, sxy, syy = _adaptive_moments(image, gx, gy, binning, *_brightest_point(image, gx, gy),
                                               *round_window)
@@ -1383,7 +1397,7 @@ def _gaussian_starts(stamps: _Stamps, settings: _Settings) -> list[np.ndarray]:
     x0, y0, sxx, sxy, syy = (np.stack([c[k] for c in candidates], 1)[np.arange(len(x0)), costs.argmin(1)]
                              for k in range(5))
     covariance = _clip_eigenvalues(sxx - blur, sxy, syy - blur, low ** 2, high ** 2)
-    peak = _peak_start(stamps, x0, y0, sky, settings)
+    peak = _peak_start(stamps, index, x0, y0, sky, settings)
     # Only a compact profile can prefer its brightest pixel's own Gaussian.
     peak[_eigen(*covariance)[0] > _PEAK_START_MAX_WIDTH ** 2] = np.nan
     return [_gaussian_theta(x0, y0, *_inverse_2x2(*covariance), sky, settings), peak]
@@ -1415,22 +1429,23 @@ def _peak_design() -> np.ndarray:
 _PEAK_FIT = _peak_design()
 
 
-def _peak_start(stamps: _Stamps, x0, y0, sky, settings: _Settings) -> np.ndarray:
-    """theta (n, P): the Gaussian through the brightest pixel near (x0, y0) and its 8 neighbours.
+def _peak_start(stamps: _Stamps, index, x0, y0, sky, settings: _Settings) -> np.ndarray:
+    """theta (n, P): the Gaussian through the brightest pixel near (x0, y0) and its 8 neighbours,
+    for images index (n consecutive ones).
 
     The brightest pixel within 4 pixels of (x0, y0) (the coarse start's centre, so that the two
     starts describe the same object); a quadratic fitted to the logarithm of its 3 x 3 patch
     (less the sky) gives the peak's sub-pixel centre and curvature; widths are kept between
     0.15 and 3 pixels, the centre within a pixel of the brightest one.
     """
-    n, height, width = stamps.y32.shape
+    n, (height, width) = len(index), stamps.y32.shape[1:]
     side = min(9, height, width)
     top = np.clip(np.rint(y0 + stamps.cy).astype(np.int64) - side // 2, 0, height - side)
     left = np.clip(np.rint(x0 + stamps.cx).astype(np.int64) - side // 2, 0, width - side)
-    peak = stamps.windows(np.arange(n), top, left, side, side).reshape(n, -1).argmax(1)
+    peak = stamps.windows(index, top, left, side, side).reshape(n, -1).argmax(1)
     row = np.clip(top + peak // side, 1, height - 2)
     column = np.clip(left + peak % side, 1, width - 2)
-    patch = stamps.windows(np.arange(n), row - 1, column - 1, 3, 3).astype(np.float64) - sky[:, None, None]
+    patch = stamps.windows(index, row - 1, column - 1, 3, 3).astype(np.float64) - sky[:, None, None]
     brightest = np.maximum(patch[:, 1, 1], 1e-300)
     coefficients = np.log(np.maximum(patch.reshape(n, 9), 1e-3 * brightest[:, None])) @ _PEAK_FIT.T
     low, high = settings.width_bounds
