@@ -317,8 +317,7 @@ class _Stamps:
         n, self.height, self.width = source.shape
         self.pixels = self.height * self.width
         self.cx, self.cy = (self.width - 1) / 2.0, (self.height - 1) / 2.0
-        flat = self.y32.reshape(n, -1)
-        self.squares = np.einsum("ij,ij->i", flat, flat).astype(np.float64)
+        self.squares = _sum_squares(self.y32)
         self._views = {}
 
     @functools.cached_property
@@ -584,6 +583,12 @@ def _squared_gaussian_moments(a, b, c) -> np.ndarray:
     return moments
 
 
+def _sum_squares(images) -> np.ndarray:
+    """Per image the sum of squares, (m, h, w) -> (m,) float64: along rows in the images' dtype,
+    then in float64 (1e-8 relative in float32, where one long sum would be 1e-7 or worse)."""
+    return np.einsum("ijk,ijk->ij", images, images).sum(1, dtype=np.float64)
+
+
 def _sum_products(first, second) -> np.ndarray:
     """Per image the sum over pixels of first * second: (m, h, w) -> (m,) float64. A matrix
     product per image: in float32 five times more accurate (1e-7) than einsum, and faster."""
@@ -716,10 +721,9 @@ class _Gaussian:
                             h.reshape(len(h), -1).sum(1, dtype=np.float64) if settings.fit_sky else None)
                 outside = None
                 if not whole:
-                    flat = y.reshape(len(y), -1)
-                    outside = (stamps.squares[ids] - np.einsum("ij,ij->i", flat, flat),
-                               (stamps.sums[ids] - flat.sum(1)) if settings.fit_sky else None,
-                               stamps.pixels - height * width)
+                    outside = (stamps.squares[ids] - _sum_squares(y),
+                               (stamps.sums[ids] - y.reshape(len(y), -1).sum(1, dtype=np.float64))
+                               if settings.fit_sky else None, stamps.pixels - height * width)
                 _linear_and_cost(evaluation, rows, stamps, ids, theta[rows], h, y, sums, settings, outside)
         return evaluation
 
@@ -916,7 +920,26 @@ def sersic_total_flux(amplitude, r_eff, n, ellip):
     return 2.0 * np.pi * n * np.exp(log_scale) * r_eff ** 2 * (1.0 - ellip) * amplitude
 
 
-def _final_pass(model, stamps: _Stamps, theta, settings: _Settings, out: np.ndarray, precise):
+def _final_fits(model, stamps: _Stamps, run: _Run, settings: _Settings, out: np.ndarray):
+    """The reported fits of a run: ``_final_pass`` at its parameters, the pending last steps
+    taken where they did not raise the squared error (beyond float32's rounding), else undone.
+    Returns theta and the squared errors (n,)."""
+    theta, cost = _final_pass(model, stamps, np.where(run.pending[:, None], run.proposal, run.theta), settings,
+                              out, run.precise)
+    noise = np.where(run.precise, 1e-12 * run.cost,
+                     _FLOAT32_COST_NOISE * (run.cost + np.sqrt(run.cost * run.signal)))
+    undone = np.nonzero(run.pending & ~(cost <= run.cost + noise))[0]
+    if len(undone):
+        # The step left the quadratic model's reach: iterate those images on from before it.
+        again = _levenberg_marquardt(model, stamps, [run.theta[undone]], settings, undone,
+                                     np.float64 if run.precise.all() else np.float32, propose=False)
+        run.converged[undone], run.iterations[undone] = again.converged, run.iterations[undone] + again.iterations
+        theta[undone], cost[undone] = _final_pass(model, stamps, again.theta, settings, out,
+                                                  run.precise[undone], undone)
+    return theta, cost
+
+
+def _final_pass(model, stamps: _Stamps, theta, settings: _Settings, out: np.ndarray, precise, index=None):
     """The reported fits: every image evaluated at theta (n, P), amplitude and sky re-solved,
     the models written into out (n, H, W) float32. Returns theta and the squared errors (n,)
     of those float32 models, summed in float64.
@@ -926,14 +949,15 @@ def _final_pass(model, stamps: _Stamps, theta, settings: _Settings, out: np.ndar
     float64 and the rest in float32: the models are then within 3e-8 of their peak of the exact
     ones, which moves their squared errors by at most a few 1e-8 of themselves.
     """
+    index = np.arange(len(theta)) if index is None else index
     theta, cost = theta.copy(), np.empty(len(theta))
     precise = precise | (not model.float32_models)
     for dtype in (np.float32, np.float64):
         members = np.nonzero(precise if dtype == np.float64 else ~precise)[0]
         for block in _blocks(members, stamps.pixels):
             rows = members[block]
-            theta[rows], cost[rows] = _final_block(model, stamps, theta[rows], rows, settings, out, dtype)
-    _keep_flat_where_better(stamps, theta, cost, settings, out)
+            theta[rows], cost[rows] = _final_block(model, stamps, theta[rows], index[rows], settings, out, dtype)
+    _keep_flat_where_better(stamps, index, theta, cost, settings, out)
     return theta, cost
 
 
@@ -961,20 +985,22 @@ def _final_block(model, stamps: _Stamps, theta, rows, settings: _Settings, out, 
         residual = np.subtract(y, h, out=y)
     else:
         residual = np.subtract(stamps.source[rows], h, dtype=np.float64)
-    return theta, np.einsum("ijk,ijk->ij", residual, residual).sum(1, dtype=np.float64)
+    return theta, _sum_squares(residual)
 
 
-def _keep_flat_where_better(stamps: _Stamps, theta, cost, settings: _Settings, out):
+def _keep_flat_where_better(stamps: _Stamps, index, theta, cost, settings: _Settings, out):
     """Where the profile does not beat the best flat model (zero, or the mean with a sky term),
-    which it can only tie up to rounding, put the flat model in its place (in place)."""
-    flat = stamps.squares - (stamps.sums ** 2 / stamps.pixels if settings.fit_sky else 0.0)
+    which it can only tie up to rounding, put the flat model in its place (in place); theta and
+    cost are those of images index."""
+    sums = stamps.sums[index] if settings.fit_sky else 0.0
+    flat = stamps.squares[index] - (sums ** 2 / stamps.pixels if settings.fit_sky else 0.0)
     worse = np.nonzero(cost > flat)[0]
     if len(worse):
-        level = stamps.sums[worse] / stamps.pixels if settings.fit_sky else np.zeros(len(worse))
+        level = sums[worse] / stamps.pixels if settings.fit_sky else np.zeros(len(worse))
         theta[worse, 0] = 0.0
         if settings.fit_sky:
             theta[worse, 1] = level
-        out[worse] = level[:, None, None]
+        out[index[worse]] = level[:, None, None]
         cost[worse] = np.maximum(flat[worse], 0.0)
 
 
@@ -986,7 +1012,8 @@ def _keep_flat_where_better(stamps: _Stamps, theta, cost, settings: _Settings, o
 class _Run:
     """Solver output for n images: theta (n, P), cost (n,), converged (n,) (met the tolerance),
     limited (n,) (stopped at float32's resolution short of it), iterations (n,), precise (n,)
-    (finished in float64)."""
+    (finished in float64), signal (n,) (sum of the model's squares), pending (n,) and proposal
+    (n, P): a last Newton step from theta, still to be checked (``_final_fits``)."""
 
     theta: np.ndarray
     cost: np.ndarray
@@ -994,11 +1021,15 @@ class _Run:
     limited: np.ndarray
     iterations: np.ndarray
     precise: np.ndarray
+    signal: np.ndarray
+    pending: np.ndarray
+    proposal: np.ndarray
 
     def better_of(self, other: "_Run") -> "_Run":
         """Per image, whichever of the two runs has the lower cost."""
         better = other.cost < self.cost
-        fields = ("theta", "cost", "converged", "limited", "iterations", "precise")
+        fields = ("theta", "cost", "converged", "limited", "iterations", "precise", "signal", "pending",
+                  "proposal")
         return _Run(*(np.where(better.reshape(-1, *[1] * (getattr(self, f).ndim - 1)), getattr(other, f),
                                getattr(self, f)) for f in fields))
 
@@ -1120,23 +1151,6 @@ def _nielsen_update(damping, growth, accept, gain_ratio):
             np.where(accept, 2.0, growth * 2))
 
 
-def _evaluate_where(model, stamps: _Stamps, index, theta, settings: _Settings, dtype, derivatives) -> _Evaluation:
-    """model.evaluate of images index at theta, with the moments only where derivatives (n,) is set."""
-    if derivatives.all() or not derivatives.any():
-        return model.evaluate(stamps, index, theta, settings, dtype, bool(derivatives.any()))
-    evaluation = _Evaluation.empty(len(theta), theta.shape[1], 0, 0, False)
-    for part, wanted in ((np.nonzero(derivatives)[0], True), (np.nonzero(~derivatives)[0], False)):
-        result = model.evaluate(stamps, index[part], theta[part], settings, dtype, wanted)
-        evaluation.theta[part], evaluation.cost[part], evaluation.signal[part] = result.theta, result.cost, result.signal
-        if wanted:
-            evaluation.moments = np.zeros((len(theta),) + result.moments.shape[1:])
-            evaluation.moments[part] = result.moments
-            if result.plain is not None:
-                evaluation.plain = np.zeros((len(theta),) + result.plain.shape[1:])
-                evaluation.plain[part] = result.plain
-    return evaluation
-
-
 def _best_start(model, stamps, starts: list, settings, index, dtype) -> _Evaluation:
     """The evaluation, with derivatives, of the lowest-cost start per image; starts after the
     first may leave images out (rows of NaN)."""
@@ -1154,7 +1168,7 @@ def _best_start(model, stamps, starts: list, settings, index, dtype) -> _Evaluat
 
 
 def _levenberg_marquardt(model, stamps: _Stamps, starts: list, settings: _Settings, index,
-                         dtype) -> _Run:
+                         dtype, propose: bool = True) -> _Run:
     """Minimise the sum of squared residuals of images index, from the best of starts (each (n, P)).
 
     Each iteration solves the damped normal equations of all running images at once and
@@ -1175,7 +1189,7 @@ def _levenberg_marquardt(model, stamps: _Stamps, starts: list, settings: _Settin
     n, tolerance, float32 = len(theta), settings.tolerance, dtype == np.float32
     damping, growth = np.full(n, 1e-3), np.full(n, 2.0)
     iterations = np.zeros(n, np.int64)
-    limited = np.zeros(n, bool)
+    limited, pending, proposal = np.zeros(n, bool), np.zeros(n, bool), theta.copy()
     # In float32 the squared error of a window carries the rounding of the whole image's sum of
     # squares: only an all-zero image is known to be fitted exactly from the start.
     converged = (cost <= 1e-28 * stamps.squares[index]) if not float32 else (stamps.squares[index] == 0)
@@ -1205,10 +1219,16 @@ def _levenberg_marquardt(model, stamps: _Stamps, starts: list, settings: _Settin
         if len(running) == 0:
             break
         # A Newton step (exact Hessian) this small lands within tolerance of the minimum, the
-        # error squaring: no normal equations are needed where it ends.
-        last = newtonian & resolved & exact_hessian & (predicted <= _LAST_STEP * old_cost)
-        trial = _evaluate_where(model, stamps, index[running], _project(theta[running] + step, settings, stamps),
-                                settings, dtype, ~last)
+        # error squaring: it is proposed, and checked by the final pass (``_final_fits``).
+        last = newtonian & resolved & exact_hessian & (predicted <= _LAST_STEP * old_cost) & propose
+        proposal[running[last]] = _project(theta[running[last]] + step[last], settings, stamps)
+        pending[running[last]] = converged[running[last]] = True
+        iterations[running[last]] += 1
+        running, step, predicted, solved, old_cost = (v[~last] for v in (running, step, predicted, solved, old_cost))
+        if len(running) == 0:
+            break
+        trial = model.evaluate(stamps, index[running], _project(theta[running] + step, settings, stamps),
+                               settings, dtype)
         noise = 0.0
         if float32:
             noise = _FLOAT32_COST_NOISE * (old_cost + np.sqrt(old_cost * signal[running]))
@@ -1220,8 +1240,7 @@ def _levenberg_marquardt(model, stamps: _Stamps, starts: list, settings: _Settin
             damping[running], growth[running], accept, (old_cost - trial.cost) / np.maximum(predicted, 1e-300))
         iterations[running] += 1
         exact = accept & (trial.cost <= 1e-28 * stamps.squares[index[running]]) & (not float32)
-        landed = accept & last
-        finished = negligible | (damping[running] > 1e12) | exact | landed
+        finished = negligible | (damping[running] > 1e12) | exact
         taken = running[accept]
         theta[taken], cost[taken], signal[taken] = trial.theta[accept], trial.cost[accept], trial.signal[accept]
         # The normal equations are only needed where the solver goes on from the new point.
@@ -1231,12 +1250,13 @@ def _levenberg_marquardt(model, stamps: _Stamps, starts: list, settings: _Settin
             normal[running[going_on]], gradient[running[going_on]] = new[0], new[2]
             if curvature is not None:
                 curvature[running[going_on]] = new[1]
-        stalled = finished & ~negligible & ~exact & ~landed
+        stalled = finished & ~negligible & ~exact
         if float32:
             limited[running[stalled]] = True
         converged[running[finished & ~(stalled & float32)]] = True
         running = running[~finished]
-    return _Run(theta, cost, converged, limited, iterations, np.full(n, dtype == np.float64))
+    return _Run(theta, cost, converged, limited, iterations, np.full(n, dtype == np.float64), signal,
+                pending, proposal)
 
 
 def _solve(model, stamps: _Stamps, starts: list, settings: _Settings) -> _Run:
@@ -1247,8 +1267,8 @@ def _solve(model, stamps: _Stamps, starts: list, settings: _Settings) -> _Run:
     limited = np.nonzero(run.limited)[0]
     if len(limited):
         polish = _levenberg_marquardt(model, stamps, [run.theta[limited]], settings, limited, np.float64)
-        run.theta[limited], run.cost[limited] = polish.theta, polish.cost
-        run.converged[limited] = polish.converged
+        for name in ("theta", "cost", "converged", "signal", "pending", "proposal"):
+            getattr(run, name)[limited] = getattr(polish, name)
         run.iterations[limited] += polish.iterations
         run.precise[limited] = True
     return run
@@ -1524,7 +1544,7 @@ class _ChunkFit:
 def _fit_gaussian_chunk(stamps: _Stamps, settings: _Settings) -> _ChunkFit:
     run = _solve(_Gaussian, stamps, _gaussian_starts(stamps, settings), settings)
     model_images = np.empty(stamps.source.shape, np.float32)
-    theta, cost = _final_pass(_Gaussian, stamps, run.theta, settings, model_images, run.precise)
+    theta, cost = _final_fits(_Gaussian, stamps, run, settings, model_images)
     return _ChunkFit(theta, cost, run.converged, run.iterations, model_images)
 
 
@@ -1532,17 +1552,18 @@ def _fit_sersic_chunk(stamps: _Stamps, starts, settings: _Settings, gaussian_set
     """The best Sersic fit over the starting indices, each started from the chunk's Gaussian fit;
     where it ends worse than the Gaussian (which is the Sersic profile of index 1/2), the Gaussian."""
     gaussian = _solve(_Gaussian, stamps, _gaussian_starts(stamps, gaussian_settings), gaussian_settings)
+    gaussian_theta = np.where(gaussian.pending[:, None], gaussian.proposal, gaussian.theta)
     best = None
     for n in starts:
-        run = _solve(_Sersic, stamps, [_sersic_start(gaussian.theta, n, settings)], settings)
+        run = _solve(_Sersic, stamps, [_sersic_start(gaussian_theta, n, settings)], settings)
         best = run if best is None else best.better_of(run)
     model_images = np.empty(stamps.source.shape, np.float32)
-    theta, cost = _final_pass(_Sersic, stamps, best.theta, settings, model_images, best.precise)
+    theta, cost = _final_fits(_Sersic, stamps, best, settings, model_images)
     low, high = settings.log_n_bounds
     if low <= math.log(0.5) <= high:
         gaussian_images = np.empty_like(model_images)
-        gaussian_theta, gaussian_cost = _final_pass(_Gaussian, stamps, gaussian.theta, gaussian_settings,
-                                                    gaussian_images, gaussian.precise)
+        gaussian_theta, gaussian_cost = _final_fits(_Gaussian, stamps, gaussian, gaussian_settings,
+                                                    gaussian_images)
         worse = cost > gaussian_cost
         as_sersic = _sersic_start(gaussian_theta[worse], 0.5, settings)
         as_sersic[:, 0] /= 2.0  # the index-1/2 profile is 2 exp(-q_gaussian / 2) at unit amplitude
