@@ -573,14 +573,16 @@ def _squared_gaussian_moments(a, b, c) -> np.ndarray:
     b + a <= 4 (zero elsewhere): (n, 25) float64, index b * 5 + a. exp(-q) is exp(-q/2)^2, a
     Gaussian of covariance (2Q)^-1 and total pi / sqrt(det Q); its fourth moments by Isserlis."""
     det = a * c - b * b
-    total = np.pi / np.sqrt(det)
     cxx, cxy, cyy = c / (2 * det), -b / (2 * det), a / (2 * det)
     moments = np.zeros((len(a), 25))
-    for (row, column), value in {(0, 0): 1.0, (0, 2): cxx, (1, 1): cxy, (2, 0): cyy,
-                                 (0, 4): 3 * cxx * cxx, (1, 3): 3 * cxx * cxy, (2, 2): cxx * cyy + 2 * cxy * cxy,
-                                 (3, 1): 3 * cyy * cxy, (4, 0): 3 * cyy * cyy}.items():
-        moments[:, row * 5 + column] = total * value
+    moments[:, _SQUARED_GAUSSIAN_SLOTS] = (np.pi / np.sqrt(det))[:, None] * np.stack(
+        [np.ones_like(a), cxx, cxy, cyy, 3 * cxx * cxx, 3 * cxx * cxy, cxx * cyy + 2 * cxy * cxy,
+         3 * cyy * cxy, 3 * cyy * cyy], 1)
     return moments
+
+
+_SQUARED_GAUSSIAN_SLOTS = np.array([b * 5 + a for b, a in ((0, 0), (0, 2), (1, 1), (2, 0), (0, 4), (1, 3), (2, 2),
+                                                             (3, 1), (4, 0))])
 
 
 def _sum_squares(images) -> np.ndarray:
@@ -1317,13 +1319,24 @@ def _border(y) -> np.ndarray:
 
 def _second_moments(weight, gx, gy, x0, y0):
     """(total, mean x, mean y, cxx, cxy, cyy), each (n,), of weights (n, h, w) on pixel centres
-    gx (w,), gy (h,), the means and covariance about (x0, y0); where the total is not positive
-    the means are zero and the covariance meaningless."""
-    m = _moments(weight[:, None], gx[None, :] - x0[:, None], gy[None, :] - y0[:, None], order=2)[:, 0]
-    total = m[:, 0]
+    gx (w,), gy (h,), the means relative to (x0, y0); where the total is not positive the means
+    are zero and the covariance meaningless. One matrix product of all images with the grid's
+    monomials 1, x, y, x^2, xy, y^2, in float64 (whose rounding, unlike float32's, is too small
+    for the way BLAS splits the product among images to change any fit)."""
+    raw = weight.reshape(len(weight), -1).astype(np.float64) @ _grid_monomials(gx.tobytes(), gy.tobytes())
+    total = raw[:, 0]
     safe = np.where(total > 0, total, 1.0)
-    mx, my = np.where(total > 0, m[:, 1] / safe, 0.0), np.where(total > 0, m[:, 3] / safe, 0.0)
-    return total, mx, my, m[:, 2] / safe - mx * mx, m[:, 4] / safe - mx * my, m[:, 6] / safe - my * my
+    ex, ey = raw[:, 1] / safe, raw[:, 2] / safe
+    mx, my = np.where(total > 0, ex - x0, 0.0), np.where(total > 0, ey - y0, 0.0)
+    return total, mx, my, raw[:, 3] / safe - ex * ex, raw[:, 4] / safe - ex * ey, raw[:, 5] / safe - ey * ey
+
+
+@functools.lru_cache(maxsize=8)
+def _grid_monomials(gx_bytes: bytes, gy_bytes: bytes) -> np.ndarray:
+    """(h * w, 6) float64 monomials 1, x, y, x^2, x y, y^2 of the grid's pixel centres."""
+    x, y = np.meshgrid(np.frombuffer(gx_bytes), np.frombuffer(gy_bytes))
+    x, y = x.ravel(), y.ravel()
+    return np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], 1)
 
 
 def _thresholded_moments(image, gx, gy):
