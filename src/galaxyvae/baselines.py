@@ -690,8 +690,7 @@ class _Gaussian:
     """h = exp(-q / 2). Newton's method: the residual curvature is cheap (more moments of the
     same two weight images) and makes convergence quadratic where residuals are large."""
 
-    name = "gaussian"
-    exact_hessian = True
+    float32_models = True  # the final pass may run in float32 (see _final_pass)
 
     @staticmethod
     def evaluate(stamps: _Stamps, index, theta, settings: _Settings, dtype, derivatives: bool = True,
@@ -777,8 +776,6 @@ class _Gaussian:
         curvature[:, 0, linear:] = curvature[:, linear:, 0] = -0.5 * (first @ quadratic[..., None])[..., 0]
         return normal, curvature, gradient
 
-    float32_models = True
-
     @staticmethod
     def profile(dx, dy, a, b, c, extra, out) -> np.ndarray:
         """h at offsets dx (m, w), dy (m, h), written into out (m, h, w)."""
@@ -788,9 +785,7 @@ class _Gaussian:
 class _Sersic:
     """h = exp(-b_n (z^(1/n) - 1)), z^2 = q, with extra parameter log n. Gauss-Newton."""
 
-    name = "sersic"
-    exact_hessian = False
-    float32_models = False
+    float32_models = False  # float32's rounding of b_n (w - 1) is too coarse for reported models
     # dh/dq has a cusp at the centre for n > 1/2; derivatives (not values) are taken no closer
     # than this, so that a pixel falling on the centre cannot swamp the normal equations.
     _log_q_floor = math.log(1e-8)
