@@ -1,7 +1,7 @@
 """Batched baseline fitters against a loop of astropy fits on the same images, in one run.
 
 Run: python benchmarks/bench_baselines.py [--n 300] [--data SURVEY.h5] [--n-stress 300]
-     [--n-sersic 120] [--repeats 3] [--seed 0]
+     [--n-sersic 120] [--repeats 5] [--seed 0]
 
 Samples, each fitted by both fitters in this one run:
 
@@ -198,7 +198,7 @@ def main() -> None:
     parser.add_argument("--n-stress", type=int, default=300, help="images of the stress sample (0: skip)")
     parser.add_argument("--n-sersic", type=int, default=120, help="images for the Sersic comparison (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=3, help="timings per fitter; the fastest is kept")
+    parser.add_argument("--repeats", type=int, default=5, help="timings per fitter; the fastest is kept")
     args = parser.parse_args()
 
     # Numpy's BLAS (the astropy loop's few matrix products included) on one thread, like the batched fits.

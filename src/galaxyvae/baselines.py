@@ -357,8 +357,8 @@ def _window_groups(stamps: _Stamps, x0, y0, a, b, c, q_limit: float):
     side = _window_sides(np.sqrt(q_limit * np.maximum(a, c) / det), min(stamps.height, stamps.width))
     heights = np.where(side < min(stamps.height, stamps.width), side, stamps.height)
     widths = np.where(side < min(stamps.height, stamps.width), side, stamps.width)
-    top = np.clip(np.rint(y0 + stamps.cy).astype(np.int64) - heights // 2, 0, stamps.height - heights)
-    left = np.clip(np.rint(x0 + stamps.cx).astype(np.int64) - widths // 2, 0, stamps.width - widths)
+    top = _clip(np.rint(y0 + stamps.cy).astype(np.int64) - heights // 2, 0, stamps.height - heights)
+    left = _clip(np.rint(x0 + stamps.cx).astype(np.int64) - widths // 2, 0, stamps.width - widths)
     groups = []
     for size in np.unique(side):
         members = np.nonzero(side == size)[0]
@@ -406,6 +406,11 @@ def _cholesky_parameters(a, b, c):
     return np.log(e1), b / e1, 0.5 * np.log(det / a)
 
 
+def _clip(x, low, high):
+    """np.clip without its Python-level overhead (it is called on small arrays, often)."""
+    return np.minimum(np.maximum(x, low), high)
+
+
 def _eigen(a, b, c):
     """Eigenvalues (larger, smaller) of [[a, b], [b, c]] and the angle of the larger one's axis."""
     mean = 0.5 * (a + c)
@@ -416,7 +421,7 @@ def _eigen(a, b, c):
 def _clip_eigenvalues(a, b, c, low: float, high: float):
     """[[a, b], [b, c]] with its eigenvalues clipped into [low, high], same eigenvectors."""
     larger, smaller, angle = _eigen(a, b, c)
-    larger, smaller = np.clip(larger, low, high), np.clip(smaller, low, high)
+    larger, smaller = _clip(larger, low, high), _clip(smaller, low, high)
     cos, sin = np.cos(angle), np.sin(angle)
     return (larger * cos * cos + smaller * sin * sin, (larger - smaller) * sin * cos,
             larger * sin * sin + smaller * cos * cos)
@@ -1405,8 +1410,8 @@ def _adaptive_moments(image, gx, gy, binning: int, x0, y0, sxx, sxy, syy, iterat
         total, mx, my, cxx, cxy, cyy = _second_moments(weight, gx, gy, x0, y0)
         usable = total > 0
         new = _clip_eigenvalues(2 * cxx, 2 * cxy, 2 * cyy, low, high)
-        x0 = np.where(usable, np.clip(x0 + mx, gx[0], -gx[0]), x0)
-        y0 = np.where(usable, np.clip(y0 + my, gy[0], -gy[0]), y0)
+        x0 = np.where(usable, _clip(x0 + mx, gx[0], -gx[0]), x0)
+        y0 = np.where(usable, _clip(y0 + my, gy[0], -gy[0]), y0)
         sxx, sxy, syy = (np.where(usable, fresh, old) for fresh, old in zip(new, (sxx, sxy, syy)))
     # Block averaging widened the profile by the variance of a uniform block less one pixel's.
     blur = (binning ** 2 - 1) / 12.0
@@ -1517,11 +1522,11 @@ def _peak_start(stamps: _Stamps, index, x0, y0, sky, settings: _Settings) -> np.
     """
     n, (height, width) = len(index), stamps.y32.shape[1:]
     side = min(9, height, width)
-    top = np.clip(np.rint(y0 + stamps.cy).astype(np.int64) - side // 2, 0, height - side)
-    left = np.clip(np.rint(x0 + stamps.cx).astype(np.int64) - side // 2, 0, width - side)
+    top = _clip(np.rint(y0 + stamps.cy).astype(np.int64) - side // 2, 0, height - side)
+    left = _clip(np.rint(x0 + stamps.cx).astype(np.int64) - side // 2, 0, width - side)
     peak = stamps.windows(index, top, left, side, side).reshape(n, -1).argmax(1)
-    row = np.clip(top + peak // side, 1, height - 2)
-    column = np.clip(left + peak % side, 1, width - 2)
+    row = _clip(top + peak // side, 1, height - 2)
+    column = _clip(left + peak % side, 1, width - 2)
     patch = stamps.windows(index, row - 1, column - 1, 3, 3).astype(np.float64) - sky[:, None, None]
     brightest = np.maximum(patch[:, 1, 1], 1e-300)
     coefficients = np.log(np.maximum(patch.reshape(n, 9), 1e-3 * brightest[:, None])) @ _PEAK_FIT.T
@@ -1529,8 +1534,8 @@ def _peak_start(stamps: _Stamps, index, x0, y0, sky, settings: _Settings) -> np.
     a, b, c = _clip_eigenvalues(-2 * coefficients[:, 3], -coefficients[:, 4], -2 * coefficients[:, 5],
                                 max(1.0 / 9.0, 1.0 / high ** 2), min(1.0 / 0.15 ** 2, 1.0 / low ** 2))
     sxx, sxy, syy = _inverse_2x2(a, b, c)
-    shift_x = np.clip(sxx * coefficients[:, 1] + sxy * coefficients[:, 2], -1.0, 1.0)
-    shift_y = np.clip(sxy * coefficients[:, 1] + syy * coefficients[:, 2], -1.0, 1.0)
+    shift_x = _clip(sxx * coefficients[:, 1] + sxy * coefficients[:, 2], -1.0, 1.0)
+    shift_y = _clip(sxy * coefficients[:, 1] + syy * coefficients[:, 2], -1.0, 1.0)
     return _gaussian_theta(column + shift_x - stamps.cx, row + shift_y - stamps.cy, a, b, c, sky, settings)
 
 
