@@ -328,8 +328,12 @@ class _Stamps:
         return self.source.reshape(len(self.source), -1).sum(1, dtype=np.float64)
 
     def images(self, index, dtype) -> np.ndarray:
-        """(len(index), H, W) copies of images index in dtype."""
-        return self.y32[index] if dtype == np.float32 else self.source[index].astype(np.float64)
+        """(len(index), H, W) images index in dtype, read only: a view where index is a run of
+        consecutive images and dtype float32, else a copy."""
+        if dtype == np.float32:
+            consecutive = len(index) and index[-1] - index[0] == len(index) - 1
+            return self.y32[index[0]:index[-1] + 1] if consecutive else self.y32[index]
+        return self.source[index].astype(np.float64)
 
     def windows(self, index, top, left, height: int, width: int) -> np.ndarray:
         """(len(index), height, width) float32 copies of the windows with corners (top, left)."""
@@ -992,7 +996,7 @@ def _final_block(model, stamps: _Stamps, theta, rows, settings: _Settings, out, 
     # float64 fits report the squared error of their float64 models (exact fits: 0 up to 1e-30),
     # float32 ones that of the models returned.
     if dtype == np.float32 and stamps.source.dtype == np.float32:
-        residual = np.subtract(y, h, out=y)
+        residual = np.subtract(y, h, out=h)
     else:
         residual = np.subtract(stamps.source[rows], h, dtype=np.float64)
     return theta, _sum_squares(residual)
