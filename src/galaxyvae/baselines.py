@@ -42,8 +42,8 @@ import scipy.special
 from galaxyvae.errors import InputError
 
 DEFAULT_CHUNK_SIZE = 1024
-"""Images fitted together. Peak memory grows with it: about 50 MB per 1,024 stamps of 69 x 69
-pixels beyond the images themselves."""
+"""Images fitted together. Beyond the returned models (4 bytes a pixel), a chunk needs a float32
+copy of its images (unless they are float32 already) and a few megabytes of work arrays."""
 
 SERSIC_STARTS = (0.5, 2.5)
 """Starting Sersic indices: 0.5, where the profile is the fitted Gaussian (so the Sersic fit is
