@@ -24,8 +24,9 @@ re-solved exactly (linear least squares) at every trial point; the shape is the 
 of the inverse covariance, so it stays positive definite; widths, centre and Sersic index are
 kept inside bounds by projection. Pixel sums over the Jacobian are moments of weighted images,
 so no (N, P, H*W) Jacobian is ever formed. Iterations run in float32 (Gaussian profiles only
-over the window where they are not negligible); the reported models and squared errors come
-from one exact float64 pass, and fits that float32 cannot resolve are finished in float64.
+over the window where they are not negligible), and fits that float32 cannot resolve are
+finished in float64; the reported models and squared errors come from one pass over every pixel
+(float32 for Gaussians, float64 for Sersic profiles and the fits finished in float64).
 """
 
 from __future__ import annotations
