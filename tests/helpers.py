@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 
 from galaxyvae.dataset import choose_held_out, write_dataset
@@ -31,3 +33,10 @@ def write_blob_dataset(path, n: int = 40, n_held_out: int = 8, seed: int = 0, **
                "sky_subtracted": True, "seed": seed},
         metadata={"family": families}, provenance={"made_by": "tests.helpers"}, **kwargs,
     )
+
+
+def read_csv_columns(path) -> dict[str, list[str]]:
+    """A CSV file with a header row as column name -> list of cell strings."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    return {name: [row[name] for row in rows] for name in rows[0]}

@@ -1,6 +1,5 @@
 """Held-out evaluation: each metric against an independent computation, then `evaluate` end to end."""
 
-import csv
 import json
 import math
 
@@ -22,7 +21,7 @@ from galaxyvae.evaluation import (
     mean_squared_error,
     mse_wins,
 )
-from tests.helpers import write_blob_dataset
+from tests.helpers import read_csv_columns, write_blob_dataset
 
 PER_IMAGE_COLUMNS = ["index", "object_id", "family", "mse_vae", "elbo", "log_px_iw", "loglik_vae"] + [
     f"{column}_{b}" for b in ("gaussian", "sersic") for column in ("mse", "loglik", "mse_win", "likelihood_win")
@@ -211,12 +210,6 @@ def evaluated(trained_run):
     return evaluation.evaluate(run_dir, importance_samples=8, seed=0, progress=False)
 
 
-def read_csv(path):
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    return {name: [row[name] for row in rows] for name in rows[0]}
-
-
 def test_evaluate_writes_the_documented_files_keys_and_columns(trained_run, evaluated):
     run_dir, data = trained_run
     summary = json.loads((run_dir / "evaluation.json").read_text())
@@ -230,7 +223,7 @@ def test_evaluate_writes_the_documented_files_keys_and_columns(trained_run, eval
     assert set(VAE_KEYS) <= set(summary["vae"])
     for name in ("gaussian", "sersic"):
         assert set(BASELINE_KEYS) <= set(summary["baselines"][name])
-    columns = read_csv(run_dir / "per_image.csv")
+    columns = read_csv_columns(run_dir / "per_image.csv")
     assert set(PER_IMAGE_COLUMNS) <= set(columns)
     assert len(columns["index"]) == 12
     table = (run_dir / "table.md").read_text()
@@ -241,7 +234,7 @@ def test_evaluate_writes_the_documented_files_keys_and_columns(trained_run, eval
 def test_evaluation_json_is_recomputed_from_per_image_csv(trained_run, evaluated):
     run_dir, data = trained_run
     summary = json.loads((run_dir / "evaluation.json").read_text())
-    columns = {k: np.array(v) for k, v in read_csv(run_dir / "per_image.csv").items()}
+    columns = {k: np.array(v) for k, v in read_csv_columns(run_dir / "per_image.csv").items()}
     flags = ("mse_win_", "likelihood_win_", "converged_")
     number = {k: v.astype(float) for k, v in columns.items()
               if k not in ("object_id", "family") and not k.startswith(flags)}

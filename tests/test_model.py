@@ -80,8 +80,9 @@ def test_closed_form_kl_matches_torch_distributions_and_monte_carlo():
     assert abs(samples.mean() - closed) < 4 * standard_error
 
 
-def test_hot_path_negative_elbo_equals_the_torch_distributions_version():
-    model = small_model()
+@pytest.mark.parametrize("arch", [{}, {"arch": "conv", "conv_channels": 4, "conv_layers": 2}], ids=["mlp", "conv"])
+def test_hot_path_negative_elbo_equals_the_torch_distributions_version(arch):
+    model = small_model(**arch)
     x = torch.randn(5, 81, dtype=torch.float64)
     for k in (1, 3):
         noise = torch.randn(k, 5, 3, dtype=torch.float64)

@@ -6,7 +6,6 @@ on (never worse than g_mu(x), deterministic, per image) on a nonlinear model; an
 columns of the evaluation against a recomputation from the trained model.
 """
 
-import csv
 import json
 import math
 
@@ -21,7 +20,7 @@ from galaxyvae.config import ModelConfig, TrainConfig
 from galaxyvae.errors import InputError
 from galaxyvae.model import GalaxyVAE, PixelScaling
 from galaxyvae.runs import REFINE_LEARNING_RATE, TrainedModel, load_run
-from tests.helpers import gaussian_blobs, write_blob_dataset
+from tests.helpers import gaussian_blobs, read_csv_columns, write_blob_dataset
 
 SIDE = 69
 PIXELS = SIDE * SIDE
@@ -200,17 +199,11 @@ def refined_evaluation(trained_run):
     return result, calls
 
 
-def read_csv(path):
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    return {name: [row[name] for row in rows] for name in rows[0]}
-
-
 def test_refined_evaluation_writes_the_documented_columns_and_keys(trained_run, refined_evaluation):
     run_dir, _ = trained_run
     result, calls = refined_evaluation
     assert calls == {"gaussian": 1, "sersic": 1}  # the fits are shared by both reconstructions
-    columns = read_csv(run_dir / "per_image.csv")
+    columns = read_csv_columns(run_dir / "per_image.csv")
     expected = {"mse_vae_refined", "loglik_vae_refined"} | {
         f"{kind}_win_{b}_refined" for b in ("gaussian", "sersic") for kind in ("mse", "likelihood")}
     assert expected <= set(columns) and len(columns["index"]) == 12

@@ -207,10 +207,9 @@ def write_dataset(
     return path
 
 
-def read_dataset(path: str | Path, split: str | None = None) -> GalaxyDataset:
-    """Read a data set written by ``write_dataset``.
+def open_dataset_file(path: str | Path):
+    """The data set at ``path`` as an open, read-only ``h5py.File`` (use it in a ``with`` block).
 
-    split: None for all images, or ``"train"`` / ``"held_out"`` to read only that part.
     Raises DatasetError naming the file if it is missing, unreadable or not in the format.
     """
     import h5py
@@ -219,12 +218,23 @@ def read_dataset(path: str | Path, split: str | None = None) -> GalaxyDataset:
     if not path.is_file():
         raise DatasetError(f"{path}: no such data-set file")
     try:
-        f = h5py.File(path, "r")
+        handle = h5py.File(path, "r")
     except OSError as err:
         raise DatasetError(f"{path}: not a readable HDF5 file ({err})") from None
-    with f:
-        if f.attrs.get("format") != FORMAT_NAME:
-            raise DatasetError(f"{path}: not a galaxyvae data set (no format={FORMAT_NAME!r} attribute)")
+    if handle.attrs.get("format") != FORMAT_NAME:
+        handle.close()
+        raise DatasetError(f"{path}: not a galaxyvae data set (no format={FORMAT_NAME!r} attribute)")
+    return handle
+
+
+def read_dataset(path: str | Path, split: str | None = None) -> GalaxyDataset:
+    """Read a data set written by ``write_dataset``.
+
+    split: None for all images, or ``"train"`` / ``"held_out"`` to read only that part.
+    Raises DatasetError naming the file if it is missing, unreadable or not in the format.
+    """
+    path = Path(path)
+    with open_dataset_file(path) as f:
         for key in ("images", "held_out", "metadata"):
             if key not in f:
                 raise DatasetError(f"{path}: missing {key!r}")

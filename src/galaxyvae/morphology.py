@@ -626,22 +626,14 @@ def read_data_sample(path: str | Path, n: int, seed: int = 0, name: str | None =
 
     Raises DatasetError naming the file if it is missing or not a galaxyvae data set.
     """
-    import h5py
-
-    from galaxyvae.dataset import FORMAT_NAME, DatasetError, validate_images
+    from galaxyvae.dataset import DatasetError, open_dataset_file, validate_images
 
     path = Path(path)
     if n < 1:
         raise MorphologyError(f"n must be at least 1, not {n}")
-    if not path.is_file():
-        raise DatasetError(f"{path}: no such data-set file")
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as err:
-        raise DatasetError(f"{path}: not a readable HDF5 file ({err})") from None
-    with handle:
-        if handle.attrs.get("format") != FORMAT_NAME or "images" not in handle:
-            raise DatasetError(f"{path}: not a galaxyvae data set (no format={FORMAT_NAME!r} attribute or no images)")
+    with open_dataset_file(path) as handle:
+        if "images" not in handle:
+            raise DatasetError(f"{path}: missing 'images'")
         total = handle["images"].shape[0]
         index = np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
         images = validate_images(handle["images"][index], what=str(path))
