@@ -1,6 +1,10 @@
+import argparse
+import io
+import sys
+
 import pytest
 
-from galaxyvae.cli import main
+from galaxyvae.cli import main, show_progress
 from tests.helpers import write_blob_dataset
 
 
@@ -27,3 +31,14 @@ def test_unknown_command_is_a_usage_error():
     with pytest.raises(SystemExit) as exc:
         main(["frobnicate"])
     assert exc.value.code == 2
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("quiet, terminal, shown", [(0, True, True), (1, True, False), (0, False, False)])
+def test_progress_bars_only_on_a_terminal_and_never_with_quiet(monkeypatch, quiet, terminal, shown):
+    monkeypatch.setattr(sys, "stderr", _Terminal() if terminal else io.StringIO())
+    assert show_progress(argparse.Namespace(quiet=quiet)) is shown

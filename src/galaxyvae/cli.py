@@ -38,6 +38,11 @@ def entry_point() -> None:
     sys.exit(main())
 
 
+def show_progress(args) -> bool:
+    """Progress bars go to a terminal only, and not with -q: in a log file they are noise."""
+    return args.quiet == 0 and sys.stderr.isatty()
+
+
 def configure_logging(verbosity: int) -> None:
     """-q -> warnings only, default -> info, -v -> debug."""
     level = logging.INFO if verbosity == 0 else (logging.DEBUG if verbosity > 0 else logging.WARNING)
@@ -86,7 +91,7 @@ def run_simulate(args) -> int:
     from galaxyvae.simulation import simulate_survey
 
     simulate_survey(args.out, n_images=args.n, n_held_out=args.held_out, seed=args.seed,
-                    workers=args.workers, overwrite=args.overwrite, progress=args.quiet == 0, preset=args.preset)
+                    workers=args.workers, overwrite=args.overwrite, progress=show_progress(args), preset=args.preset)
     return 0
 
 
@@ -117,7 +122,7 @@ def run_ingest(args) -> int:
 
     report = ingest(args.paths, args.out, n_held_out=args.held_out, seed=args.seed, band=args.band,
                     detect=args.detect, labels_csv=args.labels, strict=args.strict, overwrite=args.overwrite,
-                    progress=args.quiet == 0)
+                    progress=show_progress(args))
     print(report.summary())
     return 0
 
@@ -177,7 +182,7 @@ def run_train(args) -> int:
     else:
         config = config_from_arguments(args, TrainConfig)
     run_dir = train(args.data, args.out, config, resume=args.resume,
-                    init=args.init, progress=args.quiet == 0 and sys.stderr.isatty())
+                    init=args.init, progress=show_progress(args))
     log.info("trained: %s", run_dir)
     return 0
 
@@ -215,7 +220,7 @@ def run_evaluate(args) -> int:
     if args.refine_lr is not None and steps == 0:
         raise InputError("--refine-lr only applies with --refine-steps N (N > 0)")
     result = evaluate(args.run_dir, args.data, importance_samples=args.importance_samples, seed=args.seed,
-                      overwrite=args.overwrite, progress=args.progress and args.quiet == 0, checkpoint=args.checkpoint,
+                      overwrite=args.overwrite, progress=args.progress and show_progress(args), checkpoint=args.checkpoint,
                       refine_steps=steps, refine_learning_rate=rate)
     print(result.table_markdown())
     log.info("wrote %s", ", ".join(str(p) for p in result.paths.values()))
@@ -268,7 +273,7 @@ def add_reproduce(commands) -> None:
 def run_reproduce(args) -> int:
     from galaxyvae.pipeline import reproduce
 
-    report = reproduce(args.out, quick=args.quick, seed=args.seed)
+    report = reproduce(args.out, quick=args.quick, seed=args.seed, progress=show_progress(args))
     print(f"report: {report}")
     return 0
 
@@ -301,7 +306,7 @@ def run_morphology(args) -> int:
 
     comparison = morphology_report(args.data, args.runs, args.out, n=args.n, seed=args.seed, overwrite=args.overwrite,
                                    reference=args.reference, by_family=args.by_family, checkpoint=args.checkpoint,
-                                   progress=args.quiet == 0 and sys.stderr.isatty())
+                                   progress=show_progress(args))
     print(comparison.paths["morphology.md"].read_text(encoding="utf-8"))
     log.info("wrote %s", ", ".join(str(p) for p in comparison.paths.values()))
     return 0

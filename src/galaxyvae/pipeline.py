@@ -76,6 +76,8 @@ class Paths:
     out: Path
     plan: ReproducePlan
     seed: int
+    progress: bool = True
+    """Show progress bars in the stages (the stage log lines are always written)."""
 
     @property
     def survey(self) -> Path:
@@ -90,19 +92,21 @@ class Paths:
         return self.out / RECORD_NAME
 
 
-def reproduce(out: str | Path, quick: bool = False, seed: int = 0, plan: ReproducePlan | None = None) -> Path:
+def reproduce(out: str | Path, quick: bool = False, seed: int = 0, plan: ReproducePlan | None = None,
+              progress: bool = True) -> Path:
     """Simulate, train, evaluate, draw the figures and write the report into ``out``; return the
     path of the report (OUT/run/report.html).
 
     quick: use the QUICK plan (about a minute) instead of FULL (about 20 minutes on 2 cores)
     seed:  seed of every step (simulation, split, initialisation, Monte Carlo, figures)
     plan:  explicit sizes, overriding ``quick`` (e.g. an even smaller plan for tests)
+    progress: show progress bars within the stages; each stage's start and end are logged anyway
 
     Resumable: completed stages are skipped, an interrupted training continues. Raises
     InputError if OUT holds a reproduction made with a different plan or seed.
     """
     plan = plan or (QUICK if quick else FULL)
-    paths = Paths(out=Path(out), plan=plan, seed=seed)
+    paths = Paths(out=Path(out), plan=plan, seed=seed, progress=progress)
     if paths.out.exists() and not paths.out.is_dir():
         raise InputError(f"--out {paths.out}: is a file, not a folder")
     paths.out.mkdir(parents=True, exist_ok=True)
@@ -170,7 +174,7 @@ def simulate_stage(paths: Paths) -> None:
     from galaxyvae.simulation import simulate_survey
 
     simulate_survey(paths.survey, n_images=paths.plan.n_images, n_held_out=paths.plan.n_held_out,
-                    seed=paths.seed, progress=True)
+                    seed=paths.seed, progress=paths.progress)
 
 
 def training_complete(paths: Paths) -> bool:
@@ -199,7 +203,7 @@ def train_stage(paths: Paths) -> None:
     if resume:
         log.info("reproduce: continuing the interrupted training in %s", paths.run_dir)
     config = TrainConfig(epochs=paths.plan.epochs, batch_size=paths.plan.batch_size, seed=paths.seed)
-    train(paths.survey, paths.run_dir, config, resume=resume)
+    train(paths.survey, paths.run_dir, config, resume=resume, progress=paths.progress)
 
 
 def evaluation_complete(paths: Paths) -> bool:
@@ -217,7 +221,7 @@ def evaluate_stage(paths: Paths) -> None:
     from galaxyvae.evaluation import evaluate
 
     evaluate(paths.run_dir, None, importance_samples=paths.plan.importance_samples, seed=paths.seed,
-             overwrite=True)
+             overwrite=True, progress=paths.progress)
 
 
 def figures_complete(paths: Paths) -> bool:
