@@ -56,7 +56,7 @@ class Variant:
 
     @property
     def label(self) -> str:
-        arch = {"mlp": "the paper's MLP", "conv": "conv"}[self.arch]
+        arch = {"mlp": "the paper's MLP (z = 8)", "conv": "conv (z = 16)"}[self.arch]
         return f"{arch}, {'pretrained on the simulation + fine-tuned' if self.pretrained else 'from scratch'}"
 
 
