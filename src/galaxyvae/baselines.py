@@ -1316,10 +1316,11 @@ def _block_average(y, binning: int) -> np.ndarray:
 
 
 def _median(rows) -> np.ndarray:
-    """Median of each row of (n, m): np.partition, ten times faster than np.median here."""
+    """Median of each row of (n, m): a full np.sort (vectorised), ten times faster here than
+    np.partition with the two middle ranks, itself ten times faster than np.median."""
     m = rows.shape[1]
-    middle = np.partition(rows, [(m - 1) // 2, m // 2], axis=1)
-    return 0.5 * (middle[:, (m - 1) // 2] + middle[:, m // 2])
+    ordered = np.sort(rows, axis=1)
+    return 0.5 * (ordered[:, (m - 1) // 2] + ordered[:, m // 2])
 
 
 def _border(y) -> np.ndarray:
@@ -1333,23 +1334,24 @@ def _border(y) -> np.ndarray:
 def _second_moments(weight, gx, gy, x0, y0):
     """(total, mean x, mean y, cxx, cxy, cyy), each (n,), of weights (n, h, w) on pixel centres
     gx (w,), gy (h,), the means relative to (x0, y0); where the total is not positive the means
-    are zero and the covariance meaningless. One matrix product of all images with the grid's
-    monomials 1, x, y, x^2, xy, y^2, in float64 (whose rounding, unlike float32's, is too small
-    for the way BLAS splits the product among images to change any fit)."""
-    raw = weight.reshape(len(weight), -1).astype(np.float64) @ _grid_monomials(gx.tobytes(), gy.tobytes())
-    total = raw[:, 0]
+    are zero and the covariance meaningless. Rows first, in the weights' dtype (one small matrix
+    product per image, whose rounding therefore does not depend on the other images of the batch),
+    then columns in float64."""
+    rows = np.matmul(weight, _grid_powers(gx.astype(weight.dtype).tobytes(), weight.dtype.str))  # (n, h, 3)
+    raw = _grid_powers(gy.tobytes(), "<f8").T @ rows.astype(np.float64)                         # (n, 3, 3)
+    total = raw[:, 0, 0]
     safe = np.where(total > 0, total, 1.0)
-    ex, ey = raw[:, 1] / safe, raw[:, 2] / safe
+    ex, ey = raw[:, 0, 1] / safe, raw[:, 1, 0] / safe
     mx, my = np.where(total > 0, ex - x0, 0.0), np.where(total > 0, ey - y0, 0.0)
-    return total, mx, my, raw[:, 3] / safe - ex * ex, raw[:, 4] / safe - ex * ey, raw[:, 5] / safe - ey * ey
+    return (total, mx, my, raw[:, 0, 2] / safe - ex * ex, raw[:, 1, 1] / safe - ex * ey,
+            raw[:, 2, 0] / safe - ey * ey)
 
 
 @functools.lru_cache(maxsize=8)
-def _grid_monomials(gx_bytes: bytes, gy_bytes: bytes) -> np.ndarray:
-    """(h * w, 6) float64 monomials 1, x, y, x^2, x y, y^2 of the grid's pixel centres."""
-    x, y = np.meshgrid(np.frombuffer(gx_bytes), np.frombuffer(gy_bytes))
-    x, y = x.ravel(), y.ravel()
-    return np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], 1)
+def _grid_powers(g_bytes: bytes, dtype: str) -> np.ndarray:
+    """(len, 3) powers 1, g, g^2 of the pixel centres g, in dtype."""
+    g = np.frombuffer(g_bytes, dtype)
+    return np.stack([np.ones_like(g), g, g * g], 1)
 
 
 def _thresholded_moments(image, gx, gy):
