@@ -1359,6 +1359,11 @@ def _second_moments(weight, gx, gy, x0, y0):
     then columns in float64."""
     rows = np.matmul(weight, _grid_powers(gx.astype(weight.dtype).tobytes(), weight.dtype.str))  # (n, h, 3)
     raw = _grid_powers(gy.tobytes(), "<f8").T @ rows.astype(np.float64)                         # (n, 3, 3)
+    return _moments_from_raw(raw, x0, y0)
+
+
+def _moments_from_raw(raw, x0, y0):
+    """_second_moments' result from raw (n, 3, 3), the sums of w y^b x^a at [:, b, a]."""
     total = raw[:, 0, 0]
     safe = np.where(total > 0, total, 1.0)
     ex, ey = raw[:, 0, 1] / safe, raw[:, 1, 0] / safe
@@ -1427,14 +1432,24 @@ def _adaptive_moments(image, gx, gy, binning: int, x0, y0, sxx, sxy, syy, iterat
     covariance and is iterated towards its fixed point, weight covariance = 2 x weighted
     covariance, which for a Gaussian profile is its own covariance; the window keeps distant
     noise out of the moments. (The solver refines the result: a few iterations suffice.)
+
+    The pixels are laid out image-last, (h, w, n), so that every pass runs along all n images
+    at once rather than over one small image at a time; the sums along columns are one matrix
+    product in float32, then along rows in float64.
     """
     low, high = 0.25, float(max(-gx[0], -gy[0], 1.0)) ** 2
     sxx, sxy, syy = _clip_eigenvalues(sxx, sxy, syy, low, high)
+    pixels = np.ascontiguousarray(image.transpose(1, 2, 0))
+    height, width, n = pixels.shape
+    weight = np.empty_like(pixels)
+    row_powers = _grid_powers(gy.astype(pixels.dtype).tobytes(), pixels.dtype.str).T    # (3, h)
+    column_powers = _grid_powers(gx.tobytes(), "<f8").T                                  # (3, w)
     for _ in range(iterations):
-        dx, dy = gx[None, :] - x0[:, None], gy[None, :] - y0[:, None]
-        weight = _Gaussian.profile(dx, dy, *_inverse_2x2(sxx, sxy, syy), None, np.empty_like(image))
-        weight *= image
-        total, mx, my, cxx, cxy, cyy = _second_moments(weight, gx, gy, x0, y0)
+        _weight_image(gx, gy, x0, y0, *_inverse_2x2(sxx, sxy, syy), weight)
+        weight *= pixels
+        rows = (row_powers @ weight.reshape(height, width * n)).reshape(3, width, n).astype(np.float64)
+        raw = np.einsum("aj,bjn->ban", column_powers, rows).transpose(2, 0, 1)              # (n, 3, 3)
+        total, mx, my, cxx, cxy, cyy = _moments_from_raw(raw, x0, y0)
         usable = total > 0
         new = _clip_eigenvalues(2 * cxx, 2 * cxy, 2 * cyy, low, high)
         x0 = np.where(usable, _clip(x0 + mx, gx[0], -gx[0]), x0)
@@ -1443,6 +1458,17 @@ def _adaptive_moments(image, gx, gy, binning: int, x0, y0, sxx, sxy, syy, iterat
     # Block averaging widened the profile by the variance of a uniform block less one pixel's.
     blur = (binning ** 2 - 1) / 12.0
     return (x0, y0) + _clip_eigenvalues(sxx - blur, sxy, syy - blur, low, high)
+
+
+def _weight_image(gx, gy, x0, y0, a, b, c, out):
+    """exp(-q / 2) of the Gaussians of precision (a, b, c) centred at (x0, y0), each (n,), on
+    pixel centres gx (w,), gy (h,), written image-last into out (h, w, n)."""
+    dtype = out.dtype
+    dx, dy = (gx[:, None] - x0).astype(dtype), (gy[:, None] - y0).astype(dtype)       # (w, n), (h, n)
+    np.multiply(dy[:, None, :], (-b).astype(dtype) * dx, out=out)
+    out += (-0.5 * a).astype(dtype) * dx * dx
+    out += ((-0.5 * c).astype(dtype) * dy * dy)[:, None, :]
+    return np.exp(out, out=out)
 
 
 def _coarse_cost(coarse, gx, gy, x0, y0, a, b, c, sky_fitted: bool):
