@@ -1439,16 +1439,11 @@ def _adaptive_moments(pixels, gx, gy, binning: int, x0, y0, sxx, sxy, syy, itera
     """
     low, high = 0.25, float(max(-gx[0], -gy[0], 1.0)) ** 2
     sxx, sxy, syy = _clip_eigenvalues(sxx, sxy, syy, low, high)
-    height, width, n = pixels.shape
     weight = np.empty_like(pixels)
-    row_powers = _grid_powers(gy.astype(pixels.dtype).tobytes(), pixels.dtype.str).T    # (3, h)
-    column_powers = _grid_powers(gx.tobytes(), "<f8").T                                  # (3, w)
     for _ in range(iterations):
         _weight_image(gx, gy, x0, y0, *_inverse_2x2(sxx, sxy, syy), weight)
         weight *= pixels
-        rows = (row_powers @ weight.reshape(height, width * n)).reshape(3, width, n).astype(np.float64)
-        raw = np.einsum("aj,bjn->ban", column_powers, rows).transpose(2, 0, 1)              # (n, 3, 3)
-        total, mx, my, cxx, cxy, cyy = _moments_from_raw(raw, x0, y0)
+        total, mx, my, cxx, cxy, cyy = _moments_from_raw(_image_last_moments(weight, gx, gy), x0, y0)
         usable = total > 0
         new = _clip_eigenvalues(2 * cxx, 2 * cxy, 2 * cyy, low, high)
         x0 = np.where(usable, _clip(x0 + mx, gx[0], -gx[0]), x0)
@@ -1457,6 +1452,17 @@ def _adaptive_moments(pixels, gx, gy, binning: int, x0, y0, sxx, sxy, syy, itera
     # Block averaging widened the profile by the variance of a uniform block less one pixel's.
     blur = (binning ** 2 - 1) / 12.0
     return (x0, y0) + _clip_eigenvalues(sxx - blur, sxy, syy - blur, low, high)
+
+
+def _image_last_moments(weight, gx, gy) -> np.ndarray:
+    """Raw moments (n, 3, 3), the sums of w y^b x^a at [:, b, a], of weights (h, w, n) laid out
+    image-last on pixel centres gx (w,), gy (h,): along columns one matrix product over all
+    pixels in the weights' dtype (each image's sums in the same order whatever n), then along
+    rows in float64."""
+    height, width, n = weight.shape
+    row_powers = _grid_powers(gy.astype(weight.dtype).tobytes(), weight.dtype.str).T      # (3, h)
+    rows = (row_powers @ weight.reshape(height, width * n)).reshape(3, width, n).astype(np.float64)
+    return np.einsum("aj,bjn->ban", _grid_powers(gx.tobytes(), "<f8").T, rows).transpose(2, 0, 1)
 
 
 def _weight_image(gx, gy, x0, y0, a, b, c, out):
