@@ -357,3 +357,35 @@ def test_squared_gaussian_moments_are_the_pixel_sums_where_the_solver_uses_them(
             pixels = _moments((h * h)[:, None], dx, dy)[0, 0, used]
             integrals = _squared_gaussian_moments(a, b, c)[0, used]
             np.testing.assert_allclose(integrals, pixels, rtol=1e-9, atol=1e-9 * pixels[0])
+
+
+def test_image_last_moments_match_a_direct_sum_and_do_not_depend_on_the_batch():
+    # The starts reduce weights laid out image-last (h, w, n) along columns in one matrix product
+    # over all images: each image's sums must be the direct ones, and the same in any batch.
+    from galaxyvae.baselines import _image_last_moments
+
+    rng = np.random.default_rng(5)
+    weights = rng.uniform(0, 1, (23, 21, 7))
+    gx, gy = np.arange(21) * 3.0 - 31.0, np.arange(23) * 3.0 - 33.0
+    raw = _image_last_moments(weights, gx, gy)
+    yy, xx = np.meshgrid(gy, gx, indexing="ij")
+    for b in range(3):
+        for a in range(3):
+            direct = np.einsum("ijn,ij->n", weights, yy ** b * xx ** a)
+            np.testing.assert_allclose(raw[:, b, a], direct, rtol=1e-12)
+    single = weights.astype(np.float32)
+    whole = _image_last_moments(single, gx, gy)
+    part = _image_last_moments(np.ascontiguousarray(single[:, :, 2:5]), gx, gy)
+    np.testing.assert_array_equal(part, whole[2:5])
+
+
+def test_starts_evaluated_over_a_smaller_window_give_the_same_fits(monkeypatch):
+    # The starts' evaluations see only q <= 12; the fits must not depend on it.
+    from galaxyvae import baselines
+
+    images = np.concatenate([gaussian_blobs(12, seed=11), sersic_like_sample(12, seed=11)])
+    windowed = fit_gaussian(images)
+    monkeypatch.setattr(baselines._Gaussian, "start_window", None)
+    full = fit_gaussian(images)
+    assert windowed.converged.all() and full.converged.all()
+    np.testing.assert_allclose(windowed.mse, full.mse, rtol=1e-6)
