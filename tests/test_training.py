@@ -86,8 +86,10 @@ def test_the_same_seed_gives_the_same_weights_and_another_seed_others(tmp_path, 
     assert not same_weights(weights(first), weights(third))
 
 
-def test_resume_after_a_crash_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path, data, monkeypatch):
-    whole = train(data, tmp_path / "whole", tiny(epochs=4), progress=False)
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resume_after_a_crash_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path, data, monkeypatch,
+                                                                                 schedule):
+    whole = train(data, tmp_path / "whole", tiny(epochs=4, lr_schedule=schedule), progress=False)
 
     original_step = torch.optim.Adam.step
     calls = {"n": 0}
@@ -100,15 +102,28 @@ def test_resume_after_a_crash_mid_epoch_is_bit_identical_to_an_uninterrupted_run
 
     monkeypatch.setattr(torch.optim.Adam, "step", crashing_step)
     with pytest.raises(KeyboardInterrupt):
-        train(data, tmp_path / "broken", tiny(epochs=4), progress=False)
+        train(data, tmp_path / "broken", tiny(epochs=4, lr_schedule=schedule), progress=False)
     monkeypatch.setattr(torch.optim.Adam, "step", original_step)
     assert [r["epoch"] for r in log_rows(tmp_path / "broken")] == ["1", "2"]
 
-    resumed = train(data, tmp_path / "broken", tiny(epochs=4), resume=True, progress=False)
+    resumed = train(data, tmp_path / "broken", tiny(epochs=4, lr_schedule=schedule), resume=True, progress=False)
     assert same_weights(weights(whole), weights(resumed))
     assert same_weights(weights(whole, "best"), weights(resumed, "best"))
     columns = ("epoch", "step", "train_loss", "held_out_elbo")
     assert [[r[c] for c in columns] for r in log_rows(whole)] == [[r[c] for c in columns] for r in log_rows(resumed)]
+
+
+def test_the_cosine_schedule_falls_from_the_step_size_to_zero_over_the_run(tmp_path, data):
+    rates = [training.scheduled_learning_rate(1e-3, "cosine", t) for t in np.linspace(0, 1, 11)]
+    assert rates[0] == 1e-3 and rates[5] == pytest.approx(5e-4) and rates[-1] == pytest.approx(0, abs=1e-18)
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert training.scheduled_learning_rate(1e-3, "constant", 0.9) == 1e-3
+    run = train(data, tmp_path / "run", tiny(epochs=2, lr_schedule="cosine", learning_rate=1e-2), progress=False)
+    last_rate = load_checkpoint(run / "checkpoints" / "last.pt")["optimizer_state"]["param_groups"][0]["lr"]
+    steps = 2 * 5                                       # 40 training images in batches of 8
+    assert last_rate == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * (steps - 1) / steps)))
+    with pytest.raises(InputError, match="lr_schedule"):
+        train(data, tmp_path / "bad", tiny(lr_schedule="linear"), progress=False)
 
 
 def test_resume_can_extend_a_finished_run_and_keeps_its_settings(tmp_path, data):

@@ -53,6 +53,9 @@ class TrainConfig:
     epochs: int = field(default=100, metadata={"help": "passes over the training split"})
     batch_size: int = field(default=128, metadata={"help": "images per gradient step (over all processes)"})
     learning_rate: float = field(default=1e-3, metadata={"help": "Adam step size"})
+    lr_schedule: str = field(default="constant", metadata={
+        "help": "constant: the step size throughout; cosine: decays it to zero over the run (half a cosine)",
+        "choices": ["constant", "cosine"]})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, batching and noise"})
     mc_samples: int = field(default=1, metadata={"help": "reparameterised samples of z per image (k)"})
     augment: bool = field(default=False, metadata={"help": "random flips and 90-degree rotations"})

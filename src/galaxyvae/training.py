@@ -343,6 +343,8 @@ class Trainer:
             raise InputError(f"precision must be fp32 or bf16, not {c.precision!r}")
         if c.compile not in ("auto", "on", "off"):
             raise InputError(f"compile must be auto, on or off, not {c.compile!r}")
+        if c.lr_schedule not in LR_SCHEDULES:
+            raise InputError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {c.lr_schedule!r}")
         if c.freeze not in FROZEN_PARTS:
             raise InputError(f"freeze must be one of {', '.join(FROZEN_PARTS)}, not {c.freeze!r}")
         if c.freeze != "none" and self.init is None and not self._resuming:
@@ -500,6 +502,7 @@ class Trainer:
         self.model.train()
         started = time.perf_counter()
         for i in range(steps):
+            self._set_learning_rate((epoch - 1 + i / steps) / config.epochs)
             x = self.train_x.index_select(0, plan[i])
             if elements is not None:
                 x = torch.gather(x, 1, self.dihedral[elements[i, ctx.rank::ctx.world_size].to(self.device)])
@@ -523,6 +526,12 @@ class Trainer:
             raise TrainingDivergedError(f"the training loss became {train_loss} in epoch {epoch}; lower "
                                         f"--learning-rate (now {config.learning_rate}); {kept}")
         return train_loss, steps * batch / seconds
+
+    def _set_learning_rate(self, progress: float) -> None:
+        """The Adam step size at ``progress`` (0 to 1: the fraction of the run's steps taken)."""
+        rate = scheduled_learning_rate(self.config.learning_rate, self.config.lr_schedule, progress)
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
 
     def _losses(self, x: torch.Tensor, noise: torch.Tensor, autocast) -> torch.Tensor:
         """Per-image negative ELBO of a batch; with ``compile="auto"``, falls back to eager mode
@@ -642,6 +651,19 @@ FROZEN_PARTS = {
     "decoder-body": ("decoder",),
 }
 """The submodules of ``GalaxyVAE`` that each ``--freeze`` choice keeps fixed."""
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def scheduled_learning_rate(base: float, schedule: str, progress: float) -> float:
+    """The step size ``progress`` (0 to 1) of the way through a run: ``base`` for "constant", and
+    ``base * (1 + cos(pi * progress)) / 2`` for "cosine", which falls from ``base`` to 0 at the end."""
+    if schedule == "constant":
+        return base
+    if schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    raise InputError(f"lr_schedule (--lr-schedule) must be constant or cosine, not {schedule!r}")
 
 
 def freeze(model: GalaxyVAE, part: str) -> None:
