@@ -359,24 +359,68 @@ def test_squared_gaussian_moments_are_the_pixel_sums_where_the_solver_uses_them(
             np.testing.assert_allclose(integrals, pixels, rtol=1e-9, atol=1e-9 * pixels[0])
 
 
-def test_image_last_moments_match_a_direct_sum_and_do_not_depend_on_the_batch():
-    # The starts reduce weights laid out image-last (h, w, n) along columns in one matrix product
-    # over all images: each image's sums must be the direct ones, and the same in any batch.
-    from galaxyvae.baselines import _image_last_moments
+def test_compiled_exp_is_accurate_to_an_ulp_inside_a_vectorised_sum():
+    # The kernels' exp rounds by bit arithmetic that reassociation would break; inside a summing
+    # (reassociating) loop it must still be exp, and exp(-700) below -700.
+    from galaxyvae.baselines import _gaussian_profile
+
+    dx = np.concatenate([np.linspace(-40.0, 40.0, 997), [0.0, 1e3, -1e4]])
+    dy = np.zeros_like(dx)
+    y = np.ones(len(dx), np.float32)
+    h = np.empty_like(dx)
+    sums = _gaussian_profile(h, dx, dy, y, 1.0, 0.0, 0.0)
+    expected = np.exp(np.maximum(-0.5 * dx * dx, -700.0))
+    np.testing.assert_allclose(h, expected, rtol=4e-16, atol=0)
+    np.testing.assert_allclose(sums[:3], [np.sum(expected ** 2), np.sum(expected), np.sum(expected)], rtol=1e-14)
+
+
+def test_window_pass_matches_direct_sums_and_does_not_depend_on_the_batch():
+    # One compiled pass per image: amplitude, squared error and the moments of h^2 and r h must
+    # equal direct numpy sums over the window (the pixels outside counting with h = 0), and an
+    # image's results must not depend on the other images of the batch.
+    from galaxyvae.baselines import _gaussian_window_pass
 
     rng = np.random.default_rng(5)
-    weights = rng.uniform(0, 1, (23, 21, 7))
-    gx, gy = np.arange(21) * 3.0 - 31.0, np.arange(23) * 3.0 - 33.0
-    raw = _image_last_moments(weights, gx, gy)
-    yy, xx = np.meshgrid(gy, gx, indexing="ij")
-    for b in range(3):
-        for a in range(3):
-            direct = np.einsum("ijn,ij->n", weights, yy ** b * xx ** a)
-            np.testing.assert_allclose(raw[:, b, a], direct, rtol=1e-12)
-    single = weights.astype(np.float32)
-    whole = _image_last_moments(single, gx, gy)
-    part = _image_last_moments(np.ascontiguousarray(single[:, :, 2:5]), gx, gy)
-    np.testing.assert_array_equal(part, whole[2:5])
+    images = rng.normal(0, 1, (4, SIZE, SIZE)).astype(np.float32)
+    ids = np.array([2, 0, 3, 1])
+    top, left = np.array([10, 0, 30, 0]), np.array([5, 0, 20, 0])
+    heights, widths = np.array([19, SIZE, 31, SIZE]), np.array([19, SIZE, 31, SIZE])
+    x0, y0 = np.array([14.2, 33.0, 36.5, 40.0]), np.array([19.7, 35.1, 44.0, 20.0])
+    a, b, c = np.array([0.3, 0.05, 0.1, 0.2]), np.array([0.05, -0.01, 0.02, 0.0]), np.array([0.2, 0.08, 0.1, 0.2])
+    sums = images.sum((1, 2), dtype=np.float64)[ids]
+    squares = (images.astype(np.float64) ** 2).sum((1, 2))[ids]
+
+    def run(rows):
+        out = [np.empty(len(rows)) for _ in range(4)]
+        moments = np.empty((len(rows), 3, 25))
+        _gaussian_window_pass(images, ids[rows], top[rows], left[rows], heights[rows], widths[rows], x0[rows],
+                              y0[rows], a[rows], b[rows], c[rows], np.zeros(len(rows)), sums[rows], squares[rows],
+                              True, True, *out, moments)
+        return out, moments
+
+    (amplitude, sky, cost, shh), moments = run(np.arange(4))
+    for k, i in enumerate(ids):
+        yy, xx = np.mgrid[top[k]:top[k] + heights[k], left[k]:left[k] + widths[k]]
+        dx, dy = xx - x0[k], yy - y0[k]
+        h = np.exp(-0.5 * (a[k] * dx * dx + 2 * b[k] * dx * dy + c[k] * dy * dy))
+        window = images[i, top[k]:top[k] + heights[k], left[k]:left[k] + widths[k]].astype(np.float64)
+        design = np.zeros((SIZE * SIZE, 2))
+        design[:, 1] = 1.0
+        design.reshape(SIZE, SIZE, 2)[top[k]:top[k] + heights[k], left[k]:left[k] + widths[k], 0] = h
+        solution, residuals = np.linalg.lstsq(design, images[i].astype(np.float64).ravel(), rcond=None)[:2]
+        np.testing.assert_allclose([amplitude[k], sky[k]], solution, rtol=1e-10)
+        np.testing.assert_allclose(cost[k], residuals[0], rtol=1e-10)
+        r = window - amplitude[k] * h - sky[k]
+        for bpow in range(5):
+            for apow in range(5 - bpow):
+                power = dx ** apow * dy ** bpow
+                for w, weight in enumerate((h * h, r * h, h)):
+                    np.testing.assert_allclose(moments[k, w, 5 * bpow + apow], (weight * power).sum(),
+                                               rtol=1e-10, atol=1e-13 * np.abs(weight * power).sum())
+    (part, _, part_cost, _), part_moments = run(np.array([2, 1]))
+    np.testing.assert_array_equal(part, amplitude[[2, 1]])
+    np.testing.assert_array_equal(part_cost, cost[[2, 1]])
+    np.testing.assert_array_equal(part_moments, moments[[2, 1]])
 
 
 def test_starts_evaluated_over_a_smaller_window_give_the_same_fits(monkeypatch):
