@@ -648,7 +648,7 @@ def _solve_linear(shh, shy, sh, y_sum, m: int):
 
 _SUMS = {"contract", "reassoc", "nsz"}
 """Fast-math flags of the summing kernels: reassociation lets LLVM vectorise the sums (their
-order then depends only on the row's length); no flag that assumes finite values."""
+order then depends only on the number of pixels); no flag that assumes finite values."""
 
 _LOG2_E = 1.4426950408889634
 _LN2_HIGH = 0.6931471803691238  # ln 2 to 32 bits, so that k ln 2 is exact for |k| < 2^20
@@ -673,20 +673,25 @@ def _bits_float64(typingctx, bits):
 
 
 @numba.njit(cache=True, fastmath={"contract"})
-def _exp(x):
-    """exp(x) for x <= 0 to 1 ulp (measured 3e-16), exp(-700) = 1e-304 below -700 (zero to any
-    image). Unlike a call to libm's exp, inlined into a loop it vectorises (5x faster here).
-    Compiled without reassociation, on which the rounding trick relies: 2^k by bit arithmetic,
-    exp(r) of the remainder |r| <= ln(2) / 2 by its Taylor polynomial of degree 12."""
+def _exp(x, accurate):
+    """exp(x) for x <= 0, and exp(-700) = 1e-304 (zero to any image) below -700. Unlike libm's
+    exp it vectorises inside a loop (5x faster here). 2^k by bit arithmetic, exp(r) of the
+    remainder |r| <= ln(2) / 2 by its Taylor polynomial: of degree 12 where accurate (1 ulp,
+    measured 3e-16), else of degree 8 (relative error below 3e-10, far below float32's 6e-8: for
+    the float32 iterations and models). Compiled without reassociation, on which the rounding
+    by _ROUNDING_SHIFT relies; the flags are per instruction, so they survive inlining."""
     x = max(x, -700.0)
     shifted = x * _LOG2_E + _ROUNDING_SHIFT
     k = shifted - _ROUNDING_SHIFT
     r = (x - k * _LN2_HIGH) - k * _LN2_LOW
-    p = 1.0 / 479001600.0
-    p = p * r + 1.0 / 39916800.0
-    p = p * r + 1.0 / 3628800.0
-    p = p * r + 1.0 / 362880.0
-    p = p * r + 1.0 / 40320.0
+    if accurate:
+        p = 1.0 / 479001600.0
+        p = p * r + 1.0 / 39916800.0
+        p = p * r + 1.0 / 3628800.0
+        p = p * r + 1.0 / 362880.0
+        p = p * r + 1.0 / 40320.0
+    else:
+        p = 1.0 / 40320.0
     p = p * r + 1.0 / 5040.0
     p = p * r + 1.0 / 720.0
     p = p * r + 1.0 / 120.0
@@ -698,17 +703,47 @@ def _exp(x):
     return p * _bits_float64((_float64_bits(shifted) + 1023) << 52)
 
 
+_PAD = 32
+"""Flat buffers are padded to a multiple of this many entries, and exp is computed over the
+padding too (its values are never read): a vectorised loop leaves up to VF x unroll (at most 32
+here) iterations to a scalar remainder, and a scalar exp costs as much as 16 vector ones."""
+
+
+@numba.njit(cache=True)
+def _padded(size):
+    return (size + _PAD - 1) // _PAD * _PAD
+
+
+@numba.njit(cache=True)
+def _grid(columns, rows, height, width):
+    """columns[p], rows[p] = the column and row of flat pixel p of a height x width window."""
+    for i in range(height):
+        for j in range(width):
+            columns[i * width + j] = j
+            rows[i * width + j] = i
+
+
 @numba.njit(cache=True, fastmath=_SUMS)
-def _gaussian_profile(h, dx, dy, y, a, b, c):
-    """h[p] = exp(-q / 2), q = a dx^2 + 2 b dx dy + c dy^2, at the offsets (dx[p], dy[p]) of
-    the pixels y[p] (all flat); returns the sums of h^2, h y, h, y^2 and y."""
-    hh = hy = hs = yy = ys = 0.0
+def _gaussian_values(h, columns, rows, x0, y0, a, b, c, accurate):
+    """h[p] = exp(-q / 2), q = a dx^2 + 2 b dx dy + c dy^2, dx = columns[p] - x0,
+    dy = rows[p] - y0, for every p < len(h) (flat)."""
     b2 = 2.0 * b
-    for p in range(len(h)):
-        x, v = dx[p], dy[p]
-        value = _exp(-0.5 * ((a * x + b2 * v) * x + c * v * v))
-        h[p] = value
-        data = np.float64(y[p])
+    if accurate:
+        for p in range(len(h)):
+            x, v = columns[p] - x0, rows[p] - y0
+            h[p] = _exp(-0.5 * ((a * x + b2 * v) * x + c * v * v), True)
+    else:
+        for p in range(len(h)):
+            x, v = columns[p] - x0, rows[p] - y0
+            h[p] = _exp(-0.5 * ((a * x + b2 * v) * x + c * v * v), False)
+
+
+@numba.njit(cache=True, fastmath=_SUMS)
+def _profile_sums(h, y):
+    """Sums over p < len(y) of h^2, h y, h, y^2 and y (flat)."""
+    hh = hy = hs = yy = ys = 0.0
+    for p in range(len(y)):
+        value, data = h[p], np.float64(y[p])
         hh += value * value
         hy += value * data
         hs += value
@@ -717,13 +752,24 @@ def _gaussian_profile(h, dx, dy, y, a, b, c):
     return hh, hy, hs, yy, ys
 
 
+@numba.njit(cache=True)
+def _gaussian_profile(h, columns, rows, y, x0, y0, a, b, c, accurate):
+    """h[p] = exp(-q / 2) at the pixels y[p] (columns[p], rows[p]) about (x0, y0), for
+    p < len(y) and over the padding after them (h, columns, rows at least _padded(len(y)) long);
+    returns the sums of h^2, h y, h, y^2 and y over the pixels."""
+    count = _padded(len(y))
+    _gaussian_values(h[:count], columns, rows, x0, y0, a, b, c, accurate)
+    return _profile_sums(h, y)
+
+
 @numba.njit(cache=True, fastmath=_SUMS)
-def _quartic_moments(weight, dx, dy, out):
-    """out[5 b + a] = sum_p weight[p] dx[p]^a dy[p]^b for a + b <= 4, out[5 b + a] = 0 beyond
-    (flat inputs): the moments the normal equations use (every dq/dtheta is of degree 2)."""
+def _quartic_moments(weight, columns, rows, x0, y0, out):
+    """out[5 b + a] = sum_p weight[p] dx^a dy^b for a + b <= 4, 0 beyond (dx = columns[p] - x0,
+    dy = rows[p] - y0, p < len(weight)): the moments the normal equations use (every
+    dq/dtheta is of degree 2)."""
     m00 = m01 = m02 = m03 = m04 = m10 = m11 = m12 = m13 = m20 = m21 = m22 = m30 = m31 = m40 = 0.0
     for p in range(len(weight)):
-        x, v = dx[p], dy[p]
+        x, v = columns[p] - x0, rows[p] - y0
         t0 = weight[p]
         t1 = t0 * x
         t2 = t1 * x
@@ -754,9 +800,9 @@ def _quartic_moments(weight, dx, dy, out):
 
 @numba.njit(cache=True, fastmath=_SUMS)
 def _residual_weights(h, y, amplitude, sky, out):
-    """out[p] = r h with the residual r = y - amplitude h - sky (flat inputs); returns sum r^2."""
+    """out[p] = r h with the residual r = y - amplitude h - sky, p < len(y); returns sum r^2."""
     total = 0.0
-    for p in range(len(h)):
+    for p in range(len(y)):
         residual = np.float64(y[p]) - amplitude * h[p] - sky
         out[p] = residual * h[p]
         total += residual * residual
@@ -765,16 +811,16 @@ def _residual_weights(h, y, amplitude, sky, out):
 
 @numba.njit(cache=True, fastmath=_SUMS)
 def _squares(h, out):
-    """out[p] = h[p]^2 (flat)."""
-    for p in range(len(h)):
+    """out[p] = h[p]^2, p < len(out)."""
+    for p in range(len(out)):
         out[p] = h[p] * h[p]
 
 
 @numba.njit(cache=True, fastmath=_SUMS)
 def _squared_residual(h, y, amplitude, sky):
-    """Sum over p of (y[p] - amplitude h[p] - sky)^2 (flat inputs)."""
+    """Sum over p < len(y) of (y[p] - amplitude h[p] - sky)^2."""
     total = 0.0
-    for p in range(len(h)):
+    for p in range(len(y)):
         residual = np.float64(y[p]) - amplitude * h[p] - sky
         total += residual * residual
     return total
@@ -792,28 +838,20 @@ def _linear_solution(shh, shy, sh, y_sum, pixels, fit_sky):
 
 
 @numba.njit(cache=True)
-def _window_offsets(dx, dy, top, left, height, width, x0, y0):
-    """Flat offsets (dx, dy) from (x0, y0) of the pixels of the window at (top, left), row by row."""
-    for i in range(height):
-        for j in range(width):
-            dx[i * width + j] = left + j - x0
-            dy[i * width + j] = top + i - y0
-
-
-@numba.njit(cache=True)
 def _window_pixels(image, top, left, height, width, out):
     """The window's pixels of image (H, W), row by row, into out (flat); returns them (a view of
     image where the window is the whole image)."""
     if height == image.shape[0] and width == image.shape[1]:
         return image.reshape(height * width)
     for i in range(height):
-        out[i * width:(i + 1) * width] = image[top + i, left:left + width]
+        for j in range(width):
+            out[i * width + j] = image[top + i, left + j]
     return out[:height * width]
 
 
 @numba.njit(cache=True)
 def _gaussian_window_pass(images, ids, top, left, heights, widths, x0, y0, a, b, c,
-                          analytic_shh, image_sums, image_squares, fit_sky, derivatives,
+                          analytic_shh, image_sums, image_squares, fit_sky, derivatives, accurate,
                           amplitude, sky, cost, shh_out, moments):
     """Evaluate Gaussians h = exp(-q / 2) on windows of images and solve their linear parameters.
 
@@ -821,59 +859,66 @@ def _gaussian_window_pass(images, ids, top, left, heights, widths, x0, y0, a, b,
     widths), centre (x0, y0) in pixel coordinates (x along columns) and precision (a, b, c).
     analytic_shh[k] > 0: the sum of h^2 to use (its integral over the plane), else the window's.
     image_sums, image_squares: the whole images' sums of y and y^2 (pixels outside the window
-    count with h = 0). Writes amplitude, sky (0 unless fit_sky), cost (squared error over the
-    whole image), shh_out (the sum of h^2 used) and, with derivatives, moments[k, w, 5 b + a] =
-    sum w dy^b dx^a (a + b <= 4) over the window for w = h^2 (unless analytic), r h with the
-    residual r = y - A h - sky, and h (with a sky).
+    count with h = 0). accurate: exp to 1 ulp (else to 3e-10). Writes amplitude, sky (0 unless
+    fit_sky), cost (squared error over the whole image), shh_out (the sum of h^2 used) and, with
+    derivatives, moments[k, w, 5 b + a] = sum w dy^b dx^a (a + b <= 4) over the window for
+    w = h^2 (unless analytic), r h with the residual r = y - A h - sky, and h (with a sky).
+    Profiles are best ordered by window size (the pixel grid is rebuilt when it changes).
     """
     pixels = images.shape[1] * images.shape[2]
-    h, dx, dy = np.empty(pixels), np.empty(pixels), np.empty(pixels)
+    h, columns, rows = np.empty(_padded(pixels)), np.zeros(_padded(pixels)), np.zeros(_padded(pixels))
     window, weight = np.empty(pixels, images.dtype), np.empty(pixels)
+    grid_height = grid_width = -1
     for k in range(len(ids)):
         height, width = heights[k], widths[k]
+        if height != grid_height or width != grid_width:
+            _grid(columns, rows, height, width)
+            grid_height, grid_width = height, width
         size = height * width
         y = _window_pixels(images[ids[k]], top[k], left[k], height, width, window)
-        _window_offsets(dx, dy, top[k], left[k], height, width, x0[k], y0[k])
-        profile, columns, rows = h[:size], dx[:size], dy[:size]
-        shh, shy, sh, syy, sy = _gaussian_profile(profile, columns, rows, y, a[k], b[k], c[k])
+        centre_x, centre_y = x0[k] - left[k], y0[k] - top[k]
+        shh, shy, sh, syy, sy = _gaussian_profile(h, columns, rows, y, centre_x, centre_y, a[k], b[k], c[k],
+                                                  accurate)
         if analytic_shh[k] > 0:
             shh = analytic_shh[k]
         amplitude[k], sky[k] = _linear_solution(shh, shy, sh, image_sums[k], pixels, fit_sky)
         if derivatives:
-            total = _residual_weights(profile, y, amplitude[k], sky[k], weight[:size])
-            _quartic_moments(weight[:size], columns, rows, moments[k, 1])
+            total = _residual_weights(h, y, amplitude[k], sky[k], weight)
+            _quartic_moments(weight[:size], columns, rows, centre_x, centre_y, moments[k, 1])
+            if analytic_shh[k] <= 0:
+                _squares(h, weight[:size])
+                _quartic_moments(weight[:size], columns, rows, centre_x, centre_y, moments[k, 0])
+            if fit_sky:
+                _quartic_moments(h[:size], columns, rows, centre_x, centre_y, moments[k, 2])
         else:
-            total = _squared_residual(profile, y, amplitude[k], sky[k])
+            total = _squared_residual(h, y, amplitude[k], sky[k])
         outside = pixels - size
         if outside:
             total += image_squares[k] - syy
             if fit_sky:
                 total += sky[k] * (sky[k] * outside - 2.0 * (image_sums[k] - sy))
         cost[k], shh_out[k] = total, shh
-        if derivatives:
-            if analytic_shh[k] <= 0:
-                _squares(profile, weight[:size])
-                _quartic_moments(weight[:size], columns, rows, moments[k, 0])
-            if fit_sky:
-                _quartic_moments(profile, columns, rows, moments[k, 2])
 
 
-@numba.njit(cache=True, fastmath=_SUMS)
+@numba.njit(cache=True)
 def _gaussian_model_pass(fitted, source, ids, x0, y0, a, b, c, image_sums, fit_sky, precise,
                          out, amplitude, sky, cost):
     """The reported fits: Gaussians at every pixel of images ids (centres x0, y0 in pixel
     coordinates), linear parameters solved on fitted (the images the iterations saw; source
     where precise[k]), models A h + sky written into out[ids[k]] in float32, and cost[k] the
-    squared error against source of the float32 model, or of the float64 one where precise[k]."""
+    squared error against source of the float32 model, or of the float64 one where precise[k]
+    (whose exp is then accurate to 1 ulp, else to 3e-10)."""
     height, width = source.shape[1], source.shape[2]
     pixels = height * width
-    h, dx, dy = np.empty(pixels), np.empty(pixels), np.empty(pixels)
+    h, columns, rows = np.empty(_padded(pixels)), np.zeros(_padded(pixels)), np.zeros(_padded(pixels))
+    _grid(columns, rows, height, width)
     for k in range(len(ids)):
-        _window_offsets(dx, dy, 0, 0, height, width, x0[k], y0[k])
         if precise[k]:
-            shh, shy, sh, syy, sy = _gaussian_profile(h, dx, dy, source[ids[k]].reshape(pixels), a[k], b[k], c[k])
+            shh, shy, sh, syy, sy = _gaussian_profile(h, columns, rows, source[ids[k]].reshape(pixels),
+                                                      x0[k], y0[k], a[k], b[k], c[k], True)
         else:
-            shh, shy, sh, syy, sy = _gaussian_profile(h, dx, dy, fitted[ids[k]].reshape(pixels), a[k], b[k], c[k])
+            shh, shy, sh, syy, sy = _gaussian_profile(h, columns, rows, fitted[ids[k]].reshape(pixels),
+                                                      x0[k], y0[k], a[k], b[k], c[k], False)
         amplitude[k], sky[k] = _linear_solution(shh, shy, sh, image_sums[k], pixels, fit_sky)
         cost[k] = _write_models(h, source[ids[k]].reshape(pixels), out[ids[k]].reshape(pixels), amplitude[k],
                                 sky[k], precise[k])
@@ -884,7 +929,7 @@ def _write_models(h, source, out, amplitude, sky, precise):
     """out = float32(amplitude h + sky) (flat); returns the squared error of source against it
     (against the float64 model where precise)."""
     total = 0.0
-    for p in range(len(h)):
+    for p in range(len(out)):
         model = amplitude * h[p] + sky
         rounded = np.float32(model)
         out[p] = rounded
@@ -893,36 +938,41 @@ def _write_models(h, source, out, amplitude, sky, precise):
     return total
 
 
-@numba.njit(cache=True, fastmath=_SUMS)
+@numba.njit(cache=True)
 def _coarse_gaussian_sums(images, pick, gx, gy, x0, y0, a, b, c, raw, plain):
     """For profiles k of images pick[k] (n, h, w) on pixel centres gx (w,), gy (h,): raw[k, b, a]
-    = sum h y gy^b gx^a (a, b <= 2) and plain[k] = (sum h^2, sum h), h = exp(-q / 2) about
-    (x0, y0) with precision (a, b, c)."""
+    = sum h y gy^b gx^a (a + b <= 2, 0 beyond) and plain[k] = (sum h^2, sum h), h = exp(-q / 2)
+    about (x0, y0) with precision (a, b, c), exp to 3e-10."""
     height, width = images.shape[1], images.shape[2]
     pixels = height * width
-    x, v = np.empty(pixels), np.empty(pixels)
-    _window_offsets(x, v, 0, 0, height, width, 0.0, 0.0)
+    h, columns, rows = np.empty(_padded(pixels)), np.zeros(_padded(pixels)), np.zeros(_padded(pixels))
+    _grid(columns, rows, height, width)
     for p in range(pixels):
-        x[p], v[p] = gx[int(x[p])], gy[int(v[p])]
+        columns[p], rows[p] = gx[int(columns[p])], gy[int(rows[p])]
     for k in range(len(pick)):
-        y = images[pick[k]].reshape(pixels)
-        r00 = r01 = r02 = r10 = r11 = r20 = hh = hs = 0.0
-        b2 = 2.0 * b[k]
-        for p in range(pixels):
-            u, w = x[p] - x0[k], v[p] - y0[k]
-            h = _exp(-0.5 * ((a[k] * u + b2 * w) * u + c[k] * w * w))
-            weight = h * np.float64(y[p])
-            r00 += weight
-            r01 += weight * x[p]
-            r02 += weight * x[p] * x[p]
-            r10 += weight * v[p]
-            r11 += weight * v[p] * x[p]
-            r20 += weight * v[p] * v[p]
-            hh += h * h
-            hs += h
+        _gaussian_values(h, columns, rows, x0[k], y0[k], a[k], b[k], c[k], False)
+        r00, r01, r02, r10, r11, r20, hh, hs = _coarse_moments(h, images[pick[k]].reshape(pixels), columns, rows)
         raw[k, 0, 0], raw[k, 0, 1], raw[k, 0, 2], raw[k, 1, 0], raw[k, 1, 1], raw[k, 2, 0] = r00, r01, r02, r10, r11, r20
         raw[k, 1, 2] = raw[k, 2, 1] = raw[k, 2, 2] = 0.0
         plain[k, 0], plain[k, 1] = hh, hs
+
+
+@numba.njit(cache=True, fastmath=_SUMS)
+def _coarse_moments(h, y, x, v):
+    """Sums over p < len(y) of h y v^b x^a for (b, a) = (0, 0), (0, 1), (0, 2), (1, 0), (1, 1),
+    (2, 0), then of h^2 and h."""
+    r00 = r01 = r02 = r10 = r11 = r20 = hh = hs = 0.0
+    for p in range(len(y)):
+        weight = h[p] * np.float64(y[p])
+        r00 += weight
+        r01 += weight * x[p]
+        r02 += weight * x[p] * x[p]
+        r10 += weight * v[p]
+        r11 += weight * v[p] * x[p]
+        r20 += weight * v[p] * v[p]
+        hh += h[p] * h[p]
+        hs += h[p]
+    return r00, r01, r02, r10, r11, r20, hh, hs
 
 
 @numba.njit(cache=True, fastmath=_SUMS)
@@ -1020,23 +1070,29 @@ class _Gaussian:
         n = len(theta)
         float32 = dtype == np.float32
         images = stamps.y32 if float32 else stamps.source
+        sums, squares = (stamps.sums32, stamps.squares32) if float32 else (stamps.sums, stamps.squares)
         windows = _windows(stamps, shape[:, 0], shape[:, 1], a, b, c, q_limit if float32 else math.inf)
         analytic = np.zeros(n)
-        moments = np.empty((n if derivatives else 0, 3, 25))
         if derivatives:
             # h^2 needs no pixel sums where they equal the integral over the plane.
             integrable = np.nonzero(_integrable(stamps, shape, a, b, c))[0]
             squared = _squared_gaussian_moments(a[integrable], b[integrable], c[integrable])
             analytic[integrable] = squared[:, 0]
+        # Profiles in order of window size, so that the kernel builds each pixel grid once.
+        order = np.argsort(windows[2] * windows[3], kind="stable")
+        ids = np.asarray(index, np.int64)[order]
         amplitude, sky, cost, shh = (np.empty(n) for _ in range(4))
-        sums, squares = (stamps.sums32, stamps.squares32) if float32 else (stamps.sums, stamps.squares)
-        index = np.asarray(index, np.int64)
-        _gaussian_window_pass(images, index, *windows,
-                              *_contiguous(shape[:, 0] + stamps.cx, shape[:, 1] + stamps.cy, a, b, c), analytic, sums[index], squares[index], settings.fit_sky,
-                              derivatives, amplitude, sky, cost, shh, moments)
+        moments = np.empty((n if derivatives else 0, 3, 25))
+        centre = (shape[:, 0] + stamps.cx, shape[:, 1] + stamps.cy)
+        _gaussian_window_pass(images, ids, *(w[order] for w in windows),
+                              *_contiguous(*(v[order] for v in (*centre, a, b, c))), analytic[order], sums[ids],
+                              squares[ids], settings.fit_sky, derivatives, not float32, amplitude, sky, cost, shh,
+                              moments)
+        restore = np.argsort(order)
+        amplitude, sky, cost, shh = (v[restore] for v in (amplitude, sky, cost, shh))
         if derivatives:
+            moments = moments[restore, :2 + settings.fit_sky]
             moments[integrable, 0] = squared
-            moments = moments[:, :2 + settings.fit_sky]
         theta = theta.copy()
         theta[:, 0] = amplitude
         if settings.fit_sky:
