@@ -78,9 +78,6 @@ picks the better start and sets the direction of the first step, which is never 
 last (its landing point is evaluated over the full iteration window). Measured on the held-out
 survey stamps: the same iteration counts as at q <= 20; from q <= 6 on, the first steps worsen."""
 
-_WINDOW_SIDES = (11, 19, 31, 47)
-"""Window sides (pixels) tried in turn before the whole stamp; images of one side go together."""
-
 _FLOAT32_COST_NOISE = 1e-6
 """Relative rounding error of a float32 squared error, in units of cost + sqrt(cost * signal)
 (measured at most 5e-7): cost changes below it are not told apart from zero."""
@@ -330,11 +327,15 @@ class _Stamps:
         n, self.height, self.width = source.shape
         self.pixels = self.height * self.width
         self.cx, self.cy = (self.width - 1) / 2.0, (self.height - 1) / 2.0
-        # (n,) float64 sums of each image's pixels and of their squares: of the source, and of
-        # the float32 copy that the windowed evaluations see.
-        self.sums, self.squares = _sums_and_squares(self.source)
-        self.sums32, self.squares32 = ((self.sums, self.squares) if self.source.dtype == np.float32
-                                       else _sums_and_squares(self.y32))
+        # (n,) float64 sums of each image's pixels and of their squares: of the float32 copy that
+        # the windowed evaluations see, and of the source; and the block-averaged images
+        # (n, H // b, W // b) float32 the starts are measured on. One pass over the images.
+        self.binning = 3 if min(self.height, self.width) >= 24 else 1
+        self.coarse = np.empty((n, self.height // self.binning, self.width // self.binning), np.float32)
+        self.sums32, self.squares32 = np.empty(n), np.empty(n)
+        _image_statistics(self.y32, self.binning, self.coarse, self.sums32, self.squares32)
+        self.sums, self.squares = ((self.sums32, self.squares32) if self.source.dtype == np.float32
+                                   else _sums_and_squares(self.source))
         self._views = {}
 
     def images(self, index, dtype) -> np.ndarray:
@@ -355,22 +356,20 @@ class _Stamps:
         return self._views[height, width][index, top, left]
 
 
-def _window_sides(extent, size: int) -> np.ndarray:
-    """Per image the smallest side of _WINDOW_SIDES (or the whole size) that holds 2 * extent
-    plus the rounding of the centre."""
-    sides = np.array([s for s in _WINDOW_SIDES if s < size] + [size])
-    need = 2.0 * np.ceil(np.minimum(extent, size)) + 3.0
-    return sides[np.minimum(np.searchsorted(sides, need), len(sides) - 1)]
+def _window_side(reach, size: int) -> np.ndarray:
+    """Per image the side (pixels) that holds the centre's pixel and reach (n,) pixels on either
+    side of the centre, whatever its rounding, or the whole size where that is not smaller."""
+    need = 2 * np.ceil(np.minimum(reach, size)).astype(np.int64) + 3
+    return np.minimum(need, size)
 
 
 def _windows(stamps: _Stamps, x0, y0, a, b, c, q_limit: float):
-    """Per image the square window (or the whole stamp) holding every pixel with q <= q_limit:
-    (top, left, height, width), each (n,) int64; q_limit = inf gives the whole stamp."""
+    """Per image the window (or the whole stamp) holding every pixel with q <= q_limit, the
+    bounding box of that ellipse: (top, left, height, width), each (n,) int64; q_limit = inf
+    gives the whole stamp."""
     det = a * c - b * b
-    small = min(stamps.height, stamps.width)
-    side = _window_sides(np.sqrt(q_limit * np.maximum(a, c) / det), small)
-    heights = np.where(side < small, side, stamps.height)
-    widths = np.where(side < small, side, stamps.width)
+    heights = _window_side(np.sqrt(q_limit * a / det), stamps.height)
+    widths = _window_side(np.sqrt(q_limit * c / det), stamps.width)
     top = _clip(np.rint(y0 + stamps.cy).astype(np.int64) - heights // 2, 0, stamps.height - heights)
     left = _clip(np.rint(x0 + stamps.cx).astype(np.int64) - widths // 2, 0, stamps.width - widths)
     return top, left, heights, widths
@@ -863,17 +862,17 @@ def _gaussian_window_pass(images, ids, top, left, heights, widths, x0, y0, a, b,
     fit_sky), cost (squared error over the whole image), shh_out (the sum of h^2 used) and, with
     derivatives, moments[k, w, 5 b + a] = sum w dy^b dx^a (a + b <= 4) over the window for
     w = h^2 (unless analytic), r h with the residual r = y - A h - sky, and h (with a sky).
-    Profiles are best ordered by window size (the pixel grid is rebuilt when it changes).
+    Profiles are best ordered by window width (the pixel grid is rebuilt when it changes).
     """
     pixels = images.shape[1] * images.shape[2]
     h, columns, rows = np.empty(_padded(pixels)), np.zeros(_padded(pixels)), np.zeros(_padded(pixels))
     window, weight = np.empty(pixels, images.dtype), np.empty(pixels)
-    grid_height = grid_width = -1
+    grid_width = -1
     for k in range(len(ids)):
         height, width = heights[k], widths[k]
-        if height != grid_height or width != grid_width:
-            _grid(columns, rows, height, width)
-            grid_height, grid_width = height, width
+        if width != grid_width:  # the grid of a shorter window of this width is a prefix of it
+            _grid(columns, rows, images.shape[1], width)
+            grid_width = width
         size = height * width
         y = _window_pixels(images[ids[k]], top[k], left[k], height, width, window)
         centre_x, centre_y = x0[k] - left[k], y0[k] - top[k]
@@ -973,6 +972,34 @@ def _coarse_moments(h, y, x, v):
         hh += h[p] * h[p]
         hs += h[p]
     return r00, r01, r02, r10, r11, r20, hh, hs
+
+
+@numba.njit(cache=True, fastmath=_SUMS)
+def _image_statistics(images, binning, coarse, sums, squares):
+    """Per image of images (n, H, W): the means of its binning x binning blocks into coarse
+    (n, H // binning, W // binning) (trailing rows and columns dropped), and the sums of y and
+    of y^2 over its pixels into sums, squares (n,), in float64."""
+    n, height, width = images.shape
+    row = np.empty(width)
+    scale = 1.0 / (binning * binning)
+    for k in range(n):
+        y = images[k].reshape(height * width)
+        total = square = 0.0
+        for p in range(height * width):
+            value = np.float64(y[p])
+            total += value
+            square += value * value
+        sums[k], squares[k] = total, square
+        for i in range(coarse.shape[1]):
+            row[:] = 0.0
+            for r in range(binning):
+                for j in range(width):
+                    row[j] += images[k, i * binning + r, j]
+            for j in range(coarse.shape[2]):
+                block = 0.0
+                for c in range(binning):
+                    block += row[j * binning + c]
+                coarse[k, i, j] = block * scale
 
 
 @numba.njit(cache=True, fastmath=_SUMS)
@@ -1078,8 +1105,8 @@ class _Gaussian:
             integrable = np.nonzero(_integrable(stamps, shape, a, b, c))[0]
             squared = _squared_gaussian_moments(a[integrable], b[integrable], c[integrable])
             analytic[integrable] = squared[:, 0]
-        # Profiles in order of window size, so that the kernel builds each pixel grid once.
-        order = np.argsort(windows[2] * windows[3], kind="stable")
+        # Profiles in order of window width, so that the kernel builds each pixel grid once.
+        order = np.argsort(windows[3], kind="stable")
         ids = np.asarray(index, np.int64)[order]
         amplitude, sky, cost, shh = (np.empty(n) for _ in range(4))
         moments = np.empty((n if derivatives else 0, 3, 25))
@@ -1661,28 +1688,6 @@ def _solve(model, stamps: _Stamps, starts: list, settings: _Settings) -> _Run:
 # Starting points
 
 
-def _binning(stamps: _Stamps) -> int:
-    """Block size of the coarse images the starting point is measured on (3 for 69 x 69)."""
-    return 3 if min(stamps.height, stamps.width) >= 24 else 1
-
-
-def _block_average(y, binning: int) -> np.ndarray:
-    """(n, H // b, W // b) means of b x b blocks (trailing rows and columns dropped), in y's
-    dtype: rows then columns, each as b - 1 additions of strided views."""
-    n = len(y)
-    height, width = y.shape[1] // binning, y.shape[2] // binning
-    rows = y[:, :height * binning].reshape(n, height, binning, y.shape[2])
-    total = rows[:, :, 0].copy()
-    for k in range(1, binning):
-        total += rows[:, :, k]
-    columns = total[:, :, :width * binning].reshape(n, height, width, binning)
-    blocks = columns[..., 0].copy()
-    for k in range(1, binning):
-        blocks += columns[..., k]
-    blocks *= 1.0 / binning ** 2
-    return blocks
-
-
 def _median(rows) -> np.ndarray:
     """Median of each row of (n, m): a full np.sort (vectorised), ten times faster here than
     np.partition with the two middle ranks, itself ten times faster than np.median."""
@@ -1844,8 +1849,8 @@ def _block_starts(stamps: _Stamps, index, settings: _Settings) -> list[np.ndarra
     squared error, less the widening by the block averaging. The second, for compact starts only, is the brightest pixel's own Gaussian
     (``_peak_start``), which a steep cusp prefers and the coarse images cannot show.
     """
-    binning = _binning(stamps)
-    coarse = _block_average(stamps.y32[index[0]:index[-1] + 1], binning)
+    binning = stamps.binning
+    coarse = stamps.coarse[index[0]:index[-1] + 1]
     gx = np.arange(coarse.shape[2]) * binning + (binning - 1) / 2.0 - stamps.cx
     gy = np.arange(coarse.shape[1]) * binning + (binning - 1) / 2.0 - stamps.cy
     sky = _median(_border(coarse)).astype(np.float64) if settings.fit_sky else np.zeros(len(coarse))
