@@ -525,13 +525,21 @@ def _polynomials(shape):
     return (values @ _FIRST).reshape(len(shape), _SHAPE_PARAMETERS, 9)
 
 
-def _second_polynomials(shape):
-    """Coefficients c[n, k, l, 9] of d2q/d(shape_k)d(shape_l): (n, 5, 5, 9)."""
+def _second_derivative_sums(shape, weights):
+    """sum_m c[n, k, l, m] weights[n, m] for the coefficients c of d2q/d(shape_k)d(shape_l)
+    (shape_k over x0, y0, l1, l2, l3) and weights (n, 9) of the monomials dy^b dx^a at
+    b * 3 + a: (n, 5, 5)."""
     e1, l2, e3 = np.exp(shape[:, 2]), shape[:, 3], np.exp(shape[:, 4])
     values = np.stack([2 * e1 * e1, 2 * e1 * l2, -4 * e1 * e1, -2 * e1 * l2, -2 * e1,
                        2 * (l2 * l2 + e3 * e3), -4 * l2, -4 * e3 * e3, 4 * e1 * e1,
                        np.full_like(e1, 2.0), 4 * e3 * e3, 2 * e1], 1)
-    return (values @ _SECOND).reshape(len(shape), _SHAPE_PARAMETERS, _SHAPE_PARAMETERS, 9)
+    per_value = (weights @ _SECOND_BY_MONOMIAL).reshape(len(shape), len(_SECOND), _SHAPE_PARAMETERS ** 2)
+    return np.einsum("ni,nik->nk", values, per_value).reshape(len(shape), _SHAPE_PARAMETERS, _SHAPE_PARAMETERS)
+
+
+_SECOND_BY_MONOMIAL = _SECOND.reshape(len(_SECOND), _SHAPE_PARAMETERS ** 2, 9).transpose(2, 0, 1).reshape(9, -1)
+"""_SECOND regrouped by monomial: (9, values x 25), so that weights (n, 9) @ it gives, per value,
+the (k, l) sums."""
 
 
 def _powers(d, dtype, order: int = 4) -> np.ndarray:
@@ -1157,7 +1165,7 @@ class _Gaussian:
             gradient[:, 1] = stamps.sums[index] - amplitude * profile[:, 0] - theta[:, 1] * stamps.pixels
         quadratic = residual[:, _QUADRATIC]
         pairs = first @ residual[:, _PAIRS] @ first.transpose(0, 2, 1)
-        hessians = (_second_polynomials(theta[:, _shape_slice(settings)]) @ quadratic[:, None, :, None])[..., 0]
+        hessians = _second_derivative_sums(theta[:, _shape_slice(settings)], quadratic)
         curvature = np.zeros((n, size, size))
         curvature[:, linear:, linear:] = amplitude[:, None, None] * (0.25 * pairs - 0.5 * hessians)
         curvature[:, 0, linear:] = curvature[:, linear:, 0] = -0.5 * (first @ quadratic[..., None])[..., 0]
