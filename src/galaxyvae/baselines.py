@@ -23,10 +23,11 @@ steps whose small normal equations are solved for all images at once. Amplitude 
 re-solved exactly (linear least squares) at every trial point; the shape is the Cholesky factor
 of the inverse covariance, so it stays positive definite; widths, centre and Sersic index are
 kept inside bounds by projection. Pixel sums over the Jacobian are moments of weighted images,
-so no (N, P, H*W) Jacobian is ever formed. Iterations run in float32 (Gaussian profiles only
-over the window where they are not negligible), and fits that float32 cannot resolve are
-finished in float64; the reported models and squared errors come from one pass over every pixel
-(float32 for Gaussians, float64 for Sersic profiles and the fits finished in float64).
+so no (N, P, H*W) Jacobian is ever formed. Iterations see the float32 images (Gaussian profiles
+only over the window where they are not negligible), and fits that float32 cannot resolve are
+finished in float64; the reported models and squared errors come from one pass over every pixel.
+Every pass over pixels of the Gaussian fit is a compiled numba kernel (float64 sums, image by
+image; compiled on first use and cached on disk); the Sersic fit's own passes are numpy.
 """
 
 from __future__ import annotations
