@@ -9,6 +9,7 @@ import pytest
 from scipy.optimize import curve_fit
 
 from galaxyvae.cli import main
+from galaxyvae.config import ModelConfig
 from galaxyvae.dataset import read_dataset
 from galaxyvae.errors import InputError
 from galaxyvae.simulation import FAMILIES, FAMILY_NAMES, canvas, observing, render_survey, simulate_survey, stamp
@@ -107,6 +108,17 @@ def test_sky_noise_matches_the_documented_noise_model():
     assert len(pooled) > 5000
     assert pooled.std() == pytest.approx(1.0, abs=0.03)
     assert abs(pooled.mean()) < 0.03
+
+
+def test_the_model_variance_ceiling_lies_above_the_noise_of_the_brightest_pixels(survey):
+    # f_sigma is softly capped (ModelConfig.pixel_variance_max, in sky-noise variances) so that it
+    # models noise, not misfit (docs/model.md); the cap must still admit the survey's real noise.
+    sky_variance = np.asarray(survey.metadata["sky_sigma_nmgy"], np.float64) ** 2
+    peak = survey.images.reshape(len(survey.images), -1).max(axis=1)
+    noise_variance = sky_variance + peak * observing.NMGY_PER_COUNT / observing.GAIN   # sky + Poisson
+    ratio = noise_variance / sky_variance
+    assert ratio.min() > 1.05                      # every central galaxy adds visible Poisson noise
+    assert ratio.max() < ModelConfig().pixel_variance_max
 
 
 @pytest.mark.parametrize("psf", [PSFSpec("kolmogorov", 1.0, float("nan"), 0.02, -0.01),

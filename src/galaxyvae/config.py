@@ -39,7 +39,8 @@ class ModelConfig:
     pixel_variance_min: float = field(
         default=1e-4, metadata={"help": "soft floor of the per-pixel variance f_sigma, in sky-noise variances"})
     pixel_variance_max: float = field(
-        default=1e6, metadata={"help": "soft ceiling of the per-pixel variance f_sigma, in sky-noise variances"})
+        default=50.0, metadata={"help": "soft ceiling of the per-pixel variance f_sigma, in sky-noise variances: "
+                                        "above the noise of the brightest pixels, so f_sigma cannot hide misfit"})
     latent_variance_min: float = field(
         default=1e-6, metadata={"help": "soft floor of the variances g_sigma of q(z|x)"})
     latent_variance_max: float = field(
