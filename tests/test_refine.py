@@ -114,7 +114,8 @@ def test_log_posterior_is_the_gaussian_density_plus_the_prior(linear):
     terms = [np.concatenate([stats.norm.logpdf(x.reshape(-1), a @ zi + c, PIXEL_SD), stats.norm.logpdf(zi)])
              for x, zi in zip(images.astype(np.float64), z.astype(np.float64))]
     expected = np.array([t.sum() for t in terms])
-    # float32 sums of 4,761 terms of both signs: the error scales with the terms, not with their sum
+    # float32: f_mu = A (z + OFFSET) + (c - OFFSET A 1) cancels to ~1e-5 of |A|, and 4,761 terms of both
+    # signs are summed, so the error scales with the terms' magnitudes, not with their (small) sum
     tolerance = 1e-5 * np.array([np.abs(t).sum() for t in terms])
     assert (np.abs(model.log_posterior(images, z) - expected) <= tolerance).all()
 
