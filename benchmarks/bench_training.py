@@ -1,5 +1,5 @@
 """Training throughput of the paper's model (and of the conv architecture) against the machine's
-matrix-multiply limit, and the held-out ELBO each speed-up reaches, all measured in one run.
+matrix-multiply limit, and the validation ELBO each speed-up reaches, all measured in one run.
 
     python benchmarks/bench_training.py                  # simulates 10,000 stamps first (about a minute)
     python benchmarks/bench_training.py --data survey.h5 --epochs 4
@@ -18,7 +18,7 @@ What it prints:
    fp32 limit in images/s (convolutions with few channels run well below the rate of a square
    matrix product, so the conv's fraction of that limit is low by nature).
 3. For each variant, images/s (median over epochs after the first, which includes compilation),
-   its fraction of the fp32 limit, iterations/s, and the held-out ELBO after the same epochs with
+   its fraction of the fp32 limit, iterations/s, and the validation ELBO after the same epochs with
    the same seed: a "straightforward" loop (DataLoader, torch.optim.Adam defaults, eager), then
    ``galaxyvae.training.train`` with compilation off, the default (compiled fp32), bf16 autocast,
    and other batch sizes (64: iterations/s beside the paper's ~200/s on a Tesla K20X).
@@ -92,7 +92,7 @@ def flops_per_image(model: GalaxyVAE) -> float:
 
 def straightforward_loop(data: Path, config: TrainConfig) -> tuple[float, float]:
     """The textbook loop: DataLoader over a TensorDataset, torch.optim.Adam defaults, eager mode.
-    Returns (median images/s over epochs after the first, final held-out ELBO in data units)."""
+    Returns (median images/s over epochs after the first, final validation ELBO in data units)."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from galaxyvae.model import PixelScaling
@@ -123,12 +123,12 @@ def straightforward_loop(data: Path, config: TrainConfig) -> tuple[float, float]
 
 
 def galaxyvae_run(data: Path, config: TrainConfig, folder: Path, name: str) -> tuple[float, float, float]:
-    """``train`` as the CLI runs it. Returns (median images/s after epoch 1, final held-out ELBO,
+    """``train`` as the CLI runs it. Returns (median images/s after epoch 1, final validation ELBO,
     seconds of the first epoch, which include compilation)."""
     run = train(data, folder / name, config, progress=False)
     log = read_log(run / "log.csv")
     rates = list(log["images_per_s"])
-    return statistics.median(rates[1:] or rates), float(log["held_out_elbo"][-1]), float(log["seconds"][0])
+    return statistics.median(rates[1:] or rates), float(log["validation_elbo"][-1]), float(log["seconds"][0])
 
 
 def simulate(folder: Path, n_images: int) -> Path:
@@ -223,7 +223,7 @@ def measure(arch: str, variant: str, config: TrainConfig, data: Path, folder: Pa
     after = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
     fp32, bf16 = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
     return {"arch": arch, "variant": variant, "name": VARIANT_NAMES[variant], "images_per_s": rate,
-            "iterations_per_s": rate / config.batch_size, "held_out_elbo": elbo, "first_epoch_s": first,
+            "iterations_per_s": rate / config.batch_size, "validation_elbo": elbo, "first_epoch_s": first,
             "matmul_fp32_gflops": fp32, "matmul_bf16_gflops": bf16, "mflop_per_image": work / 1e6,
             "fp32_limit_images_per_s": fp32 * 1e9 / work, "fraction_of_fp32_limit": rate * work / (fp32 * 1e9)}
 
@@ -233,14 +233,14 @@ def report(results: list[dict]) -> None:
     ELBO differences to its default, where those were measured."""
     print()
     print(f"{'arch':4s} {'variant':46s} {'images/s':>9s} {'it/s':>7s} {'of fp32 limit':>13s} {'vs loop':>8s} "
-          f"{'held-out ELBO':>14s} {'ELBO - default':>14s} {'matmul fp32/bf16':>17s}")
+          f"{'validation ELBO':>14s} {'ELBO - default':>14s} {'matmul fp32/bf16':>17s}")
     for r in results:
         own = {o["variant"]: o for o in results if o["arch"] == r["arch"]}
         vs_loop = f"{r['images_per_s'] / own['loop']['images_per_s']:7.2f}x" if "loop" in own else f"{'-':>8s}"
-        vs_default = (f"{r['held_out_elbo'] - own['default']['held_out_elbo']:+14.1f}" if "default" in own
+        vs_default = (f"{r['validation_elbo'] - own['default']['validation_elbo']:+14.1f}" if "default" in own
                       else f"{'-':>14s}")
         print(f"{r['arch']:4s} {r['name']:46s} {r['images_per_s']:9,.0f} {r['iterations_per_s']:7.1f} "
-              f"{r['fraction_of_fp32_limit']:12.0%} {vs_loop} {r['held_out_elbo']:14.1f} {vs_default} "
+              f"{r['fraction_of_fp32_limit']:12.0%} {vs_loop} {r['validation_elbo']:14.1f} {vs_default} "
               f"{r['matmul_fp32_gflops']:7.0f}/{r['matmul_bf16_gflops']:<7.0f}")
     for arch in dict.fromkeys(r["arch"] for r in results):
         own = {o["variant"]: o for o in results if o["arch"] == arch}
@@ -257,20 +257,20 @@ def report(results: list[dict]) -> None:
                   f"({default['fp32_limit_images_per_s']:,.0f} images/s at {default['matmul_fp32_gflops']:.0f} "
                   f"GFLOP/s, {default['mflop_per_image']:.2f} MFLOP per image); first epoch (includes "
                   f"torch.compile): {default['first_epoch_s']:.1f} s")
-    print("held-out ELBO: eager and compiled fp32 should agree to about 0.1 nats; bf16 and other batch sizes "
-          "change the arithmetic or the number of steps, and early in training the held-out ELBO moves by "
+    print("validation ELBO: eager and compiled fp32 should agree to about 0.1 nats; bf16 and other batch sizes "
+          "change the arithmetic or the number of steps, and early in training the validation ELBO moves by "
           "hundreds of nats from epoch to epoch")
 
 
 def compare_archs(results: list[dict], archs: list[str]) -> None:
-    """Each variant's images/s and held-out ELBO of the later architectures against the first."""
+    """Each variant's images/s and validation ELBO of the later architectures against the first."""
     first = {r["variant"]: r for r in results if r["arch"] == archs[0]}
     print()
     for arch in archs[1:]:
         for r in (r for r in results if r["arch"] == arch and r["variant"] in first):
             other = first[r["variant"]]
             print(f"{arch} / {archs[0]}, {r['name']}: {r['images_per_s'] / other['images_per_s']:.2f}x the "
-                  f"images/s, held-out ELBO {r['held_out_elbo'] - other['held_out_elbo']:+.1f} nats per image")
+                  f"images/s, validation ELBO {r['validation_elbo'] - other['validation_elbo']:+.1f} nats per image")
 
 
 if __name__ == "__main__":

@@ -65,11 +65,12 @@ VARIANTS = (Variant("mlp", False), Variant("conv", False), Variant("mlp", True),
 MODELS = {"mlp": ModelConfig(), "conv": ModelConfig(arch="conv", latent_dim=16)}
 """Model shapes: the paper's MLP (z = 8) and the conv VAE with z = 16; both per-pixel variance."""
 
-SCRATCH = TrainConfig(epochs=300, batch_size=16, augment=True, compile="off")
+SCRATCH = TrainConfig(epochs=300, batch_size=16, augment=True, compile="off", validation_fraction=0.15)
 """Training on the cutouts alone (about 85 images, x8 with flips and rotations)."""
 PRETRAIN = {"mlp": TrainConfig(epochs=100), "conv": TrainConfig(epochs=30)}
 """Pretraining on the simulated survey (conv: fewer epochs, each costs ~10x the MLP's)."""
-FINETUNE = TrainConfig(epochs=150, batch_size=16, augment=True, compile="off", learning_rate=3e-4)
+FINETUNE = TrainConfig(epochs=150, batch_size=16, augment=True, compile="off", learning_rate=3e-4,
+                       validation_fraction=0.15)
 """Fine-tuning a pretrained run on the cutouts (see docs/transfer.md for the choice)."""
 REFINE_STEPS = 200
 """Steps of per-image latent refinement in the 'refined' columns."""

@@ -133,15 +133,23 @@ def test_samples_figure_fills_a_grid_with_one_colour_bar():
     assert len(fig.axes) == 3 * 4 + 1
 
 
-def test_training_figure_marks_the_best_held_out_epoch():
+def test_training_figure_marks_the_best_validation_epoch():
     epoch = np.arange(1, 9)
     elbo = np.array([1, 5, 7, 9, 12, 11, 10, 10.5])
-    fig = figures.plot_training({"epoch": epoch, "train_loss": -elbo - 1, "held_out_elbo": elbo})
+    fig = figures.plot_training({"epoch": epoch, "train_loss": -elbo - 1, "validation_elbo": elbo})
     assert len(fig.axes) == 2
     labels = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
     assert any("epoch 5" in label for label in labels)
-    with pytest.raises(InputError, match="held_out_elbo"):
+    assert any(label.startswith("best validation") for label in labels)
+    with pytest.raises(InputError, match="validation_elbo"):
         figures.plot_training({"epoch": epoch, "train_loss": elbo})
+
+
+def test_training_figure_of_an_older_run_says_its_checkpoint_was_chosen_on_the_held_out_split():
+    epoch = np.arange(1, 4)
+    fig = figures.plot_training({"epoch": epoch, "train_loss": -epoch - 1.0, "held_out_elbo": epoch * 1.0})
+    labels = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert "held-out ELBO" in labels and any(label.startswith("best held-out: epoch 3") for label in labels)
 
 
 def synthetic_per_image(n=200, seed=0):

@@ -92,10 +92,18 @@ def test_without_table_md_the_tables_come_from_evaluation_json(tmp_path):
 
 
 def test_report_shows_config_provenance_versions_and_training(tmp_path):
-    page = write_report(fake_evaluated_run(tmp_path / "run")).read_text()
+    run = fake_evaluated_run(tmp_path / "run")
+    (run / "log.csv").write_text("epoch,step,train_loss,validation_elbo,images_per_s,seconds\n"
+                                 "1,10,-100,90,5000,2.0\n2,20,-120,115,5100,2.0\n3,30,-125,112,5200,2.0\n")
+    page = write_report(run).read_text()
     for text in ("model.latent_dim", "attrs.pixel_units", "nanomaggies", "torch", "2.13.0",
-                 "best held-out ELBO", "115 at epoch 2"):
+                 "best validation ELBO", "115 at epoch 2"):
         assert text in page
+
+
+def test_the_report_of_an_older_run_names_the_held_out_elbo_that_chose_its_checkpoint(tmp_path):
+    page = write_report(fake_evaluated_run(tmp_path / "run")).read_text()
+    assert "best held-out ELBO" in page and "115 at epoch 2" in page
 
 
 def test_report_needs_an_evaluated_run(tmp_path, capsys):

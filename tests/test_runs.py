@@ -40,7 +40,7 @@ def test_load_run_gives_the_config_paths_and_history(trained, model):
     assert model.config == CONFIG and model.run_dir == run_dir and model.data_path == data.resolve()
     history = model.history()
     assert set(history) == set(runs.LOG_COLUMNS) and list(history["epoch"]) == [1, 2, 3]
-    assert model.epoch == 1 + int(np.argmax(history["held_out_elbo"]))
+    assert model.epoch == 1 + int(np.argmax(history["validation_elbo"]))
     assert load_run(run_dir, checkpoint="last").epoch == 3
 
 

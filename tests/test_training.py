@@ -30,7 +30,8 @@ def tiny(**changes) -> TrainConfig:
 
 @pytest.fixture
 def data(tmp_path):
-    return write_blob_dataset(tmp_path / "blobs.h5", n=48, n_held_out=8)
+    """41 training images: 1 set aside for validation (2%), 40 fitted in 5 batches of 8."""
+    return write_blob_dataset(tmp_path / "blobs.h5", n=49, n_held_out=8)
 
 
 def weights(run_dir, name="last"):
@@ -54,12 +55,13 @@ def test_a_run_directory_holds_config_versions_data_log_and_checkpoints(tmp_path
     versions = json.loads((run / "versions.json").read_text())
     assert versions["torch"] == torch.__version__ and versions["execution"]["world_size"] == 1
     record = json.loads((run / "data.json").read_text())
-    assert (record["n_train"], record["n_held_out"], record["path"]) == (40, 8, str(data.resolve()))
+    assert (record["n_train"], record["n_validation"], record["n_held_out"]) == (40, 1, 8)
+    assert record["path"] == str(data.resolve())
     assert record["attrs"]["source"] == "test-blobs" and record["provenance"] == {"made_by": "tests.helpers"}
     rows = log_rows(run)
     assert tuple(rows[0]) == LOG_COLUMNS and [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert [int(r["step"]) for r in rows] == [5, 10, 15]          # 40 training images, batches of 8
-    best_epoch = 1 + int(np.argmax([float(r["held_out_elbo"]) for r in rows]))
+    best_epoch = 1 + int(np.argmax([float(r["validation_elbo"]) for r in rows]))
     for name, epoch in (("last", 3), ("best", best_epoch)):
         checkpoint = torch.load(run / "checkpoints" / f"{name}.pt", weights_only=True)
         assert checkpoint["epoch"] == epoch
@@ -68,12 +70,12 @@ def test_a_run_directory_holds_config_versions_data_log_and_checkpoints(tmp_path
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
 
 
-def test_training_lowers_the_loss_and_raises_the_held_out_elbo(tmp_path):
+def test_training_lowers_the_loss_and_raises_the_validation_elbo(tmp_path):
     data = write_blob_dataset(tmp_path / "blobs.h5", n=160, n_held_out=32)
     run = train(data, tmp_path / "run", tiny(epochs=6, batch_size=16, model=ModelConfig(hidden=32)), progress=False)
     rows = log_rows(run)
     loss = [float(r["train_loss"]) for r in rows]
-    elbo = [float(r["held_out_elbo"]) for r in rows]
+    elbo = [float(r["validation_elbo"]) for r in rows]
     assert loss[-1] < loss[0] - 1000 and elbo[-1] > elbo[0] + 1000
     assert all(math.isfinite(v) for v in loss + elbo)
 
@@ -109,7 +111,7 @@ def test_resume_after_a_crash_mid_epoch_is_bit_identical_to_an_uninterrupted_run
     resumed = train(data, tmp_path / "broken", tiny(epochs=4, lr_schedule=schedule), resume=True, progress=False)
     assert same_weights(weights(whole), weights(resumed))
     assert same_weights(weights(whole, "best"), weights(resumed, "best"))
-    columns = ("epoch", "step", "train_loss", "held_out_elbo")
+    columns = ("epoch", "step", "train_loss", "validation_elbo")
     assert [[r[c] for c in columns] for r in log_rows(whole)] == [[r[c] for c in columns] for r in log_rows(resumed)]
 
 
@@ -167,7 +169,7 @@ def write_raw_dataset(path, images, held_out):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("nan", "NaN"), ("shape", "expected shape"), ("no held-out", "held-out split is empty"),
+    ("nan", "NaN"), ("shape", "expected shape"), ("one training image", "cannot spare a validation subset"),
     ("no training", "training split is empty"),
 ])
 def test_bad_data_sets_are_input_errors_and_create_nothing(tmp_path, case, message):
@@ -177,8 +179,9 @@ def test_bad_data_sets_are_input_errors_and_create_nothing(tmp_path, case, messa
         images[4, 3, 3] = np.nan
     elif case == "shape":
         images = images[:, :32, :32]
-    elif case == "no held-out":
-        held_out[:] = False
+    elif case == "one training image":
+        held_out[1:] = True
+        held_out[0] = False
     else:
         held_out[:] = True
     path = write_raw_dataset(tmp_path / "bad.h5", images, held_out)
@@ -223,7 +226,8 @@ def test_init_starts_from_an_earlier_runs_weights_in_the_new_datas_noise_units(t
     start, end = weights(first, "best"), weights(tuned)
     networks = [k for k in start if k not in ("pixel_offset", "pixel_scale")]
     assert all(torch.allclose(start[k], end[k], atol=1e-6) for k in networks)   # a vanishing step moved nothing
-    refitted = PixelScaling.fit(read_dataset(other, split="train").images)
+    fitted, _ = training.validation_split(read_dataset(other).train_index, 0.02, seed=0)
+    refitted = PixelScaling.fit(read_dataset(other).images[fitted])
     assert float(end["pixel_scale"]) == pytest.approx(refitted.scale, rel=1e-12)
     assert float(end["pixel_scale"]) == pytest.approx(10 * float(start["pixel_scale"]), rel=0.3)
     assert json.loads((tuned / "config.json").read_text())["init"] == str(first.resolve())
@@ -272,7 +276,7 @@ def test_augmentation_uses_the_eight_flips_and_rotations():
 def test_an_augmented_run_trains_and_differs_from_a_plain_one(tmp_path, data):
     plain = train(data, tmp_path / "plain", tiny(), progress=False)
     augmented = train(data, tmp_path / "aug", tiny(augment=True), progress=False)
-    assert all(math.isfinite(float(r["held_out_elbo"])) for r in log_rows(augmented))
+    assert all(math.isfinite(float(r["validation_elbo"])) for r in log_rows(augmented))
     assert not same_weights(weights(plain), weights(augmented))
 
 
@@ -325,7 +329,7 @@ def test_a_diverging_run_stops_with_a_clear_error(tmp_path, data):
 
 def test_bf16_and_several_samples_train_to_finite_elbos(tmp_path, data):
     run = train(data, tmp_path / "run", tiny(precision="bf16", mc_samples=3), progress=False)
-    assert all(math.isfinite(float(r["held_out_elbo"])) for r in log_rows(run))
+    assert all(math.isfinite(float(r["validation_elbo"])) for r in log_rows(run))
 
 
 def test_cli_trains_and_reports_an_existing_run_in_one_line(tmp_path, data, capsys):
@@ -359,3 +363,46 @@ def test_cli_resume_keeps_the_runs_own_epochs_unless_more_are_asked_for(tmp_path
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 3
     with open(run / "log.csv") as f:
         assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2", "3"]
+
+
+def test_the_validation_subset_is_a_seeded_part_of_the_training_split():
+    train_index = np.arange(3, 503)
+    fitted, validation = training.validation_split(train_index, 0.02, seed=4)
+    assert (len(fitted), len(validation)) == (490, 10)
+    assert np.array_equal(np.sort(np.concatenate([fitted, validation])), train_index)
+    again, same = training.validation_split(train_index, 0.02, seed=4)
+    assert np.array_equal(fitted, again) and np.array_equal(validation, same)
+    assert not np.array_equal(validation, training.validation_split(train_index, 0.02, seed=5)[1])
+    assert len(training.validation_split(np.arange(10), 0.001, seed=0)[1]) == 1   # never empty
+    for fraction in (0.0, 1.0, -0.1):
+        with pytest.raises(InputError, match="validation_fraction"):
+            training.validation_split(train_index, fraction, seed=0)
+
+
+def test_the_held_out_split_does_not_influence_training(tmp_path):
+    """Changing or removing the held-out images leaves every weight, checkpoint and log entry unchanged."""
+    images = gaussian_blobs(49, seed=0)
+    held_out = choose_held_out(49, 8, 0)
+    attrs = {"source": "t", "pixel_units": "x", "pixel_scale_arcsec": 0.4, "sky_subtracted": True}
+    changed = images.copy()
+    changed[held_out] = 10 * gaussian_blobs(8, seed=9)
+    paths = {"original": write_dataset(tmp_path / "a.h5", images, held_out, attrs=attrs),
+             "changed": write_dataset(tmp_path / "b.h5", changed, held_out, attrs=attrs),
+             "without": write_dataset(tmp_path / "c.h5", images[~held_out], np.zeros(41, bool), attrs=attrs)}
+    runs = {name: train(path, tmp_path / name, tiny(epochs=3), progress=False) for name, path in paths.items()}
+    columns = ("epoch", "step", "train_loss", "validation_elbo")
+    for name in ("changed", "without"):
+        for checkpoint in ("best", "last"):
+            assert same_weights(weights(runs["original"], checkpoint), weights(runs[name], checkpoint)), name
+        assert [[r[c] for c in columns] for r in log_rows(runs[name])] == [
+            [r[c] for c in columns] for r in log_rows(runs["original"])]
+
+
+def test_a_run_from_before_the_validation_subset_cannot_be_resumed(tmp_path, data):
+    run = train(data, tmp_path / "run", tiny(epochs=1), progress=False)
+    config = json.loads((run / "config.json").read_text())
+    del config["validation_fraction"]
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="chosen on the held-out split"):
+        train(data, run, tiny(epochs=2), resume=True, progress=False)
+    assert [r["epoch"] for r in log_rows(run)] == ["1"]

@@ -199,7 +199,7 @@ def add_evaluate(commands) -> None:
                    help="samples k of the importance-weighted estimate of log p(x)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo estimates and bootstrap")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best",
-                   help="weights to evaluate (default: best held-out ELBO)")
+                   help="weights to evaluate (default: best validation ELBO)")
     p.add_argument("--refine-steps", type=int, default=0, metavar="N",
                    help="also optimise each image's z for its posterior, N Adam steps from g_mu(x), and report "
                         "the refined f_mu(z*) beside the amortised f_mu(g_mu(x)) (default 0: off; 200 suffice)")

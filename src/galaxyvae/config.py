@@ -58,6 +58,9 @@ class TrainConfig:
         "help": "constant: the step size throughout; cosine: decays it to zero over the run (half a cosine)",
         "choices": ["constant", "cosine"]})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, batching and noise"})
+    validation_fraction: float = field(default=0.02, metadata={
+        "help": "fraction of the training split set aside (drawn with --seed) whose ELBO picks the best "
+                "checkpoint; the held-out split is never used in training"})
     mc_samples: int = field(default=1, metadata={"help": "reparameterised samples of z per image (k)"})
     augment: bool = field(default=False, metadata={"help": "random flips and 90-degree rotations"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})

@@ -71,9 +71,10 @@ FIGURES = (
     FigureSpec(
         "training.png", "Training curves",
         "Left: the training loss (negative ELBO averaged over the epoch's mini-batches, mean nats per image) "
-        "per epoch. Right: the ELBO of the held-out images per epoch (higher is better), with the training "
-        "ELBO (minus the loss) dashed for comparison; the starred epoch has the best held-out ELBO, whose "
-        "weights (best.pt) the evaluation and figures use."),
+        "per epoch. Right: the ELBO of the validation images per epoch (higher is better; a subset of the "
+        "training split set aside, never fitted), with the training ELBO (minus the loss) dashed for "
+        "comparison; the starred epoch has the best validation ELBO, whose weights (best.pt) the evaluation "
+        "and figures use. The held-out images are not used in training."),
     FigureSpec(
         "differences.png", "Per-image differences, VAE against the parametric fits",
         "Histograms over held-out images of the VAE's advantage over each baseline fit. Top: MSE(VAE) \u2212 "
@@ -455,28 +456,30 @@ def plot_samples(images: np.ndarray, units: str = "data units", columns: int = 8
 def plot_training(history: dict) -> "object":
     """Training curves from a run's log.csv columns (``TrainedModel.history()``).
 
-    history: "epoch", "train_loss" (negative ELBO, mean nats per image) and "held_out_elbo"
-             (mean nats per image), each (E,)
-    Returns the Figure with two axes: training loss, and held-out ELBO with the training ELBO.
+    history: "epoch", "train_loss" (negative ELBO, mean nats per image) and "validation_elbo"
+             (mean nats per image; "held_out_elbo" in runs older than the validation subset), each (E,)
+    Returns the Figure with two axes: training loss, and validation ELBO with the training ELBO.
     """
+    from galaxyvae.runs import selection_elbo
+
     plt = _pyplot()
-    missing = {"epoch", "train_loss", "held_out_elbo"} - set(history)
+    missing = {"epoch", "train_loss"} - set(history)
     if missing:
         raise InputError(f"training history lacks column(s) {', '.join(sorted(missing))}")
     epoch = np.asarray(history["epoch"], dtype=float)
     loss = np.asarray(history["train_loss"], dtype=float)
-    elbo = np.asarray(history["held_out_elbo"], dtype=float)
+    elbo, split = selection_elbo(history)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     left.plot(epoch, loss, "o-", color="tab:blue", markersize=3)
     left.set(xlabel="epoch", ylabel="nats per image", title="training loss (negative ELBO)")
-    right.plot(epoch, elbo, "o-", color="tab:green", markersize=3, label="held-out ELBO")
+    right.plot(epoch, elbo, "o-", color="tab:green", markersize=3, label=f"{split} ELBO")
     right.plot(epoch, -loss, "--", color="tab:blue", label="training ELBO (= -loss)")
     finite = np.isfinite(elbo)
     if finite.any():
         best = np.flatnonzero(finite)[np.argmax(elbo[finite])]
         right.axvline(epoch[best], color="0.5", linestyle=":", linewidth=1)
         right.plot(epoch[best], elbo[best], "*", color="tab:red", markersize=12,
-                   label=f"best held-out: epoch {epoch[best]:g}, {elbo[best]:,.1f} nats")
+                   label=f"best {split}: epoch {epoch[best]:g}, {elbo[best]:,.1f} nats")
     _zoom_on_late_epochs(right, [elbo, -loss])
     _zoom_on_late_epochs(left, [loss])
     right.set(xlabel="epoch", ylabel="nats per image (higher is better)", title="ELBO per image")

@@ -246,7 +246,7 @@ def figures_section(folder: Path, specs) -> str:
 
 
 def training_section(run_dir: Path) -> str:
-    """Epochs, the best held-out ELBO and the training time, from log.csv."""
+    """Epochs, the best validation ELBO and the training time, from log.csv."""
     path = run_dir / "log.csv"
     if not path.is_file():
         return "<p>No training log (log.csv) in the run directory.</p>"
@@ -254,7 +254,8 @@ def training_section(run_dir: Path) -> str:
         rows = list(csv.DictReader(handle))
     if not rows:
         return "<p>The training log (log.csv) is empty.</p>"
-    elbo = [float(r.get("held_out_elbo", "nan")) for r in rows]
+    column = "validation_elbo" if "validation_elbo" in rows[0] else "held_out_elbo"
+    elbo = [float(r.get(column, "nan")) for r in rows]
     best = max(range(len(rows)), key=lambda i: elbo[i] if elbo[i] == elbo[i] else float("-inf"))
     seconds = sum(float(r.get("seconds", 0) or 0) for r in rows)
     speed = [float(r["images_per_s"]) for r in rows if r.get("images_per_s")]
@@ -262,7 +263,7 @@ def training_section(run_dir: Path) -> str:
         "epochs trained": rows[-1].get("epoch", len(rows)),
         "gradient steps": rows[-1].get("step", "?"),
         "final training loss (nats per image)": number(float(rows[-1].get("train_loss", "nan"))),
-        "best held-out ELBO (nats per image)": f"{number(elbo[best])} at epoch {rows[best].get('epoch')}",
+        f"best {column[:-5].replace('_', '-')} ELBO (nats per image)": f"{number(elbo[best])} at epoch {rows[best].get('epoch')}",
         "training time": f"{seconds / 60:.1f} min",
         "training speed (median images per second)": number(sorted(speed)[len(speed) // 2]) if speed else "?",
     }

@@ -7,7 +7,7 @@ A run directory (made by ``galaxyvae.training.train``)::
     RUN_DIR/data.json            the data set's provenance: path, size, attrs, provenance record, split sizes
     RUN_DIR/log.csv              one row per epoch (LOG_COLUMNS)
     RUN_DIR/checkpoints/last.pt  weights, pixel scaling, optimizer and progress after the latest epoch
-    RUN_DIR/checkpoints/best.pt  the same after the epoch with the highest held-out ELBO
+    RUN_DIR/checkpoints/best.pt  the same after the epoch with the highest validation ELBO
 
 Checkpoints hold only tensors, plain containers and numbers, so they load with
 ``torch.load(weights_only=True)``.
@@ -36,10 +36,11 @@ from galaxyvae.model import GalaxyVAE, gaussian_log_density
 
 CHECKPOINT_FORMAT = "galaxyvae-checkpoint"
 CHECKPOINT_VERSION = 1
-LOG_COLUMNS = ("epoch", "step", "train_loss", "held_out_elbo", "images_per_s", "seconds")
+LOG_COLUMNS = ("epoch", "step", "train_loss", "validation_elbo", "images_per_s", "seconds")
 """log.csv columns: epoch (1-based), optimizer steps so far, mean training loss (negative ELBO)
-over the epoch and held-out ELBO after it (both mean nats per image in data units), training
-throughput and wall-clock seconds of the epoch."""
+over the epoch and the ELBO of the validation subset after it (both mean nats per image in data
+units), training throughput and wall-clock seconds of the epoch. Runs made before the validation
+subset existed have ``held_out_elbo`` instead: their checkpoints were chosen on the held-out split."""
 INFERENCE_BATCH = 1024
 """Images per forward pass in the trained-model API."""
 REFINE_BATCH = 256
@@ -174,6 +175,16 @@ def read_log(path: Path) -> dict[str, np.ndarray]:
     return {name: np.array([float(row[name]) for row in rows], dtype=float) for name in columns}
 
 
+def selection_elbo(history: dict[str, Any]) -> tuple[np.ndarray, str]:
+    """The per-epoch ELBO that chose best.pt, (epochs,), and the split it was measured on:
+    "validation", or "held-out" for runs made before a validation subset was set aside.
+    Raises InputError if the history has neither column."""
+    for column, split in (("validation_elbo", "validation"), ("held_out_elbo", "held-out")):
+        if column in history:
+            return np.asarray(history[column], dtype=float), split
+    raise InputError("training history lacks column validation_elbo")
+
+
 # --- the trained-model API -----------------------------------------------------------------------------
 
 def load_run(run_dir: str | Path, device: str | torch.device | None = None, checkpoint: str = "best") -> "TrainedModel":
@@ -181,7 +192,7 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None, chec
 
     run_dir:    a directory made by ``galaxyvae train``
     device:     "cpu", "cuda", "cuda:N" or a torch.device; None picks CUDA when present
-    checkpoint: "best" (highest held-out ELBO) or "last"
+    checkpoint: "best" (highest validation ELBO) or "last"
 
     Raises InputError if the directory is not a run or the checkpoint is missing, corrupt or foreign.
     """
@@ -297,7 +308,7 @@ class TrainedModel:
     # --- the API of common.md ------------------------------------------------------------------
     def history(self) -> dict[str, np.ndarray]:
         """The training log (log.csv) as column -> (epochs,) array: epoch, step, train_loss,
-        held_out_elbo (mean nats per image, data units), images_per_s, seconds."""
+        validation_elbo (mean nats per image, data units), images_per_s, seconds (see LOG_COLUMNS)."""
         return read_log(RunPaths(self.run_dir).log)
 
     def encode(self, images) -> tuple[np.ndarray, np.ndarray]:

@@ -1,10 +1,12 @@
 """Fitting the VAE by stochastic variational inference, with crash-safe, resumable run directories.
 
-``train(data, out, config)`` reads a data set, fits the pixel scaling on its training split,
-and minimises the mean negative ELBO with Adam, one epoch at a time. After every epoch it
-computes the held-out ELBO and writes (atomically, in this order) ``checkpoints/best.pt`` when
-the held-out ELBO improved, ``checkpoints/last.pt`` and ``log.csv``; the layout is described in
-:mod:`galaxyvae.runs`.
+``train(data, out, config)`` reads a data set, sets aside a seeded validation subset of its
+training split (``validation_fraction``), fits the pixel scaling on the rest and minimises the
+mean negative ELBO over the rest with Adam, one epoch at a time. After every epoch it computes
+the validation ELBO and writes (atomically, in this order) ``checkpoints/best.pt`` when the
+validation ELBO improved, ``checkpoints/last.pt`` and ``log.csv``; the layout is described in
+:mod:`galaxyvae.runs`. The held-out split is never used, so it stays an unbiased test set for
+``galaxyvae evaluate``.
 
 Reproducibility. Every random choice of an epoch (the order of the images, the noise of the
 reparameterisation, the augmentation) is drawn from generators seeded by (seed, epoch), and the
@@ -52,11 +54,11 @@ COMPILE_MIN_IMAGES = 4096
 """With ``compile="auto"``, the step is compiled only for training splits at least this large:
 compiling costs tens of seconds on a CPU, more than a tiny run takes."""
 EVAL_BATCH = 1024
-"""Images per forward pass of the held-out ELBO."""
+"""Images per forward pass of the validation ELBO."""
 EXECUTION_SETTINGS = ("epochs", "device", "threads")
 """Settings a resumed run takes from the command line; all others come from the run's config.json."""
 
-_ORDER, _NOISE, _AUGMENT, _HELD_OUT = range(4)
+_ORDER, _NOISE, _AUGMENT, _VALIDATION_NOISE, _VALIDATION_CHOICE = range(5)
 
 
 class RunExistsError(InputError, OutputExistsError):
@@ -188,6 +190,26 @@ def batch_plan(n_train: int, batch_size: int, seed: int, epoch: int) -> torch.Te
     return order[: steps * batch].reshape(steps, batch)
 
 
+def validation_split(train_index: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split the training split's image indices into (fitted, validation), both sorted.
+
+    The validation subset holds ``round(fraction * n)`` images (at least one) drawn without
+    replacement by a generator seeded with ``seed``, so a resumed run gets the same subset.
+    Raises InputError unless 0 < fraction < 1 and at least one image is left to fit.
+    """
+    if not 0 < fraction < 1:
+        raise InputError(f"validation_fraction (--validation-fraction) must lie between 0 and 1, not {fraction}")
+    n = len(train_index)
+    n_validation = max(1, round(fraction * n))
+    if n_validation >= n:
+        raise InputError(f"a training split of {n} image(s) cannot spare a validation subset "
+                         f"(--validation-fraction {fraction}) and still have images to fit")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), _VALIDATION_CHOICE]))
+    chosen = np.zeros(n, dtype=bool)
+    chosen[rng.choice(n, size=n_validation, replace=False)] = True
+    return train_index[~chosen], train_index[chosen]
+
+
 def dihedral_indices(side: int) -> torch.Tensor:
     """(8, side*side) pixel permutations of the 8 flips and 90-degree rotations of a square stamp."""
     grid = torch.arange(side * side).reshape(side, side)
@@ -202,15 +224,17 @@ def dihedral_indices(side: int) -> torch.Tensor:
 
 # --- run directory --------------------------------------------------------------------------------
 
-def data_record(dataset: GalaxyDataset, scaling: PixelScaling) -> dict[str, Any]:
-    """What data.json says about the training data: where, how big, its attrs and provenance."""
+def data_record(dataset: GalaxyDataset, scaling: PixelScaling, n_validation: int) -> dict[str, Any]:
+    """What data.json says about the training data: where, how big, its attrs and provenance.
+    n_train counts the images fitted: the training split less the ``n_validation`` set aside."""
     path = Path(dataset.path).resolve()
     attrs = {k: v for k, v in dataset.attrs.items() if k != "provenance"}
     return {
         "path": str(path),
         "bytes": path.stat().st_size,
         "n_images": len(dataset),
-        "n_train": int((~dataset.held_out).sum()),
+        "n_train": int((~dataset.held_out).sum()) - n_validation,
+        "n_validation": n_validation,
         "n_held_out": int(dataset.held_out.sum()),
         "attrs": attrs,
         "provenance": dataset.provenance,
@@ -222,10 +246,10 @@ def _check_same_data(paths: RunPaths, dataset: GalaxyDataset) -> None:
     if not paths.data.is_file():
         return
     recorded = json.loads(paths.data.read_text(encoding="utf-8"))
-    now = {"n_train": int((~dataset.held_out).sum()), "n_held_out": int(dataset.held_out.sum()),
+    now = {"training split": int((~dataset.held_out).sum()), "n_held_out": int(dataset.held_out.sum()),
            "created": dataset.attrs.get("created")}
-    before = {"n_train": recorded.get("n_train"), "n_held_out": recorded.get("n_held_out"),
-              "created": recorded.get("attrs", {}).get("created")}
+    before = {"training split": recorded.get("n_train", 0) + recorded.get("n_validation", 0),
+              "n_held_out": recorded.get("n_held_out"), "created": recorded.get("attrs", {}).get("created")}
     if now != before:
         raise InputError(f"{dataset.path}: not the data set the run in {paths.run_dir} was trained on "
                          f"({recorded.get('path')}); resume with that data set")
@@ -243,7 +267,8 @@ def train(
 ) -> Path:
     """Fit the VAE to the training split of ``data`` and write the run directory ``out``; return it.
 
-    data:     a galaxyvae data set (.h5) with non-empty training and held-out splits
+    data:     a galaxyvae data set (.h5) with a training split of at least two images; its
+              held-out split (possibly empty) is not used
     out:      the run directory; must not exist unless ``resume``
     config:   TrainConfig (default: the paper's settings; with ``resume``, the run's own config.json)
     resume:   continue the run in ``out`` from its last checkpoint (its config.json wins, except
@@ -320,6 +345,10 @@ class Trainer:
         if not self.paths.config.is_file():
             raise InputError(f"{run_dir}: nothing to resume (no config.json; is it a run directory?)")
         stored, _ = read_run_config(self.paths)
+        if "validation_fraction" not in json.loads(self.paths.config.read_text(encoding="utf-8")):
+            raise InputError(f"{run_dir}: trained before galaxyvae set a validation subset aside (its checkpoints "
+                             "were chosen on the held-out split), so it cannot be resumed; start a new run, "
+                             "or --init from this one")
         if self.paths.checkpoint("last").is_file():
             self.resume_record = load_checkpoint(self.paths.checkpoint("last"))
         if config is None:
@@ -356,11 +385,11 @@ class Trainer:
             raise InputError(f"{dataset.path}: images are {dataset.images.shape[1:]}, the model expects ({side}, {side})")
         if (~dataset.held_out).sum() == 0:
             raise InputError(f"{dataset.path}: the training split is empty")
-        if dataset.held_out.sum() == 0:
-            raise InputError(f"{dataset.path}: the held-out split is empty; the held-out ELBO picks the best "
-                             "checkpoint (write the data set with some images held out)")
-        if (~dataset.held_out).sum() < self.context.world_size:
-            raise InputError(f"{dataset.path}: {int((~dataset.held_out).sum())} training images cannot be shared "
+        self.fit_index, self.validation_index = validation_split(
+            dataset.train_index, self.config.validation_fraction, self.config.seed)
+        if len(self.fit_index) < self.context.world_size:
+            raise InputError(f"{dataset.path}: {len(self.fit_index)} training images (after setting "
+                             f"{len(self.validation_index)} aside for validation) cannot be shared "
                              f"among {self.context.world_size} processes")
 
     def _start_processes(self) -> None:
@@ -380,14 +409,14 @@ class Trainer:
 
     def _build(self) -> None:
         config = self.config
-        train_index = self.dataset.train_index
-        sample = self.dataset.images[train_index[::max(1, len(train_index) // SCALING_SAMPLE)]]
+        fit_index = self.fit_index
+        sample = self.dataset.images[fit_index[::max(1, len(fit_index) // SCALING_SAMPLE)]]
         self.model, scaling = self._initial_model(sample)
         freeze(self.model, config.freeze)
         self.model.to(self.device)
-        self.data_info = data_record(self.dataset, scaling)
-        self.train_x = self._to_device(self.dataset.train_index)
-        self.held_out_x = self._to_device(self.dataset.held_out_index)
+        self.data_info = data_record(self.dataset, scaling, len(self.validation_index))
+        self.train_x = self._to_device(fit_index)
+        self.validation_x = self._to_device(self.validation_index)
         self.dataset.images = np.empty((0,) + self.dataset.images.shape[1:], np.float32)  # keep only the device copies
         self.optimizer = torch.optim.Adam(trainable_parameters(self.model), lr=config.learning_rate,
                                           **_fast_adam_options(self.device))
@@ -436,7 +465,7 @@ class Trainer:
         self.optimizer.load_state_dict(record["optimizer_state"])
         self.epoch, self.step = int(record["epoch"]), int(record["step"])
         self.history = [dict(row) for row in record["history"]]
-        self.best_elbo = float(record["best_held_out_elbo"])
+        self.best_elbo = float(record["best_validation_elbo"])
         torch.random.set_rng_state(record["rng"]["torch"])
 
     def _wrap(self, model: GalaxyVAE) -> torch.nn.Module:
@@ -467,17 +496,17 @@ class Trainer:
         for epoch in range(self.epoch + 1, self.config.epochs + 1):
             started = time.perf_counter()
             train_loss, images_per_s = self._train_epoch(epoch)
-            held_out_elbo = self.held_out_elbo()
+            validation_elbo = self.validation_elbo()
             self.epoch = epoch
-            row = {"epoch": epoch, "step": self.step, "train_loss": train_loss, "held_out_elbo": held_out_elbo,
+            row = {"epoch": epoch, "step": self.step, "train_loss": train_loss, "validation_elbo": validation_elbo,
                    "images_per_s": images_per_s, "seconds": time.perf_counter() - started}
             self.history.append(row)
-            log.info("epoch %d/%d: training loss %.2f, held-out ELBO %.2f nats per image, %.0f images/s",
-                     epoch, self.config.epochs, train_loss, held_out_elbo, images_per_s)
+            log.info("epoch %d/%d: training loss %.2f, validation ELBO %.2f nats per image, %.0f images/s",
+                     epoch, self.config.epochs, train_loss, validation_elbo, images_per_s)
             if self.context.is_main:
-                self._write_epoch(held_out_elbo)
-            elif held_out_elbo > self.best_elbo:
-                self.best_elbo = held_out_elbo
+                self._write_epoch(validation_elbo)
+            elif validation_elbo > self.best_elbo:
+                self.best_elbo = validation_elbo
         if self.context.distributed:
             import torch.distributed as dist
 
@@ -572,19 +601,20 @@ class Trainer:
             dist.all_reduce(value)
         return value
 
-    def held_out_elbo(self) -> float:
-        """Mean ELBO of the held-out images in nats per image, data units: one reparameterised draw
-        per image with noise fixed for the whole run, so that epochs are compared on equal terms."""
+    def validation_elbo(self) -> float:
+        """Mean ELBO of the validation images in nats per image, data units: one reparameterised
+        draw per image with noise fixed for the whole run, so that epochs are compared on equal terms."""
         ctx = self.context
-        n = len(self.held_out_x)
-        noise = torch.randn(1, n, self.config.model.latent_dim, generator=epoch_generator(self.config.seed, 0, _HELD_OUT))
+        n = len(self.validation_x)
+        noise = torch.randn(1, n, self.config.model.latent_dim,
+                            generator=epoch_generator(self.config.seed, 0, _VALIDATION_NOISE))
         mine = torch.arange(ctx.rank, n, ctx.world_size)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         self.model.eval()
         with torch.no_grad():
             for start in range(0, len(mine), EVAL_BATCH):
                 index = mine[start:start + EVAL_BATCH]
-                x = self.held_out_x[index.to(self.device)]
+                x = self.validation_x[index.to(self.device)]
                 total += self.model.negative_elbo(x, noise[:, index].to(self.device)).double().sum()
         self.model.train()
         return -float(self._all_reduce(total)) / n + self.model.log_jacobian()
@@ -609,10 +639,10 @@ class Trainer:
             execution.update(master_addr=self.context.master_addr, master_port=self.context.master_port)
         write_json_atomic(self.paths.versions, {**library_versions(), "execution": execution})
 
-    def _write_epoch(self, held_out_elbo: float) -> None:
-        improved = held_out_elbo > self.best_elbo
+    def _write_epoch(self, validation_elbo: float) -> None:
+        improved = validation_elbo > self.best_elbo
         if improved:
-            self.best_elbo = held_out_elbo
+            self.best_elbo = validation_elbo
         record = self._checkpoint_record()
         if improved:
             save_checkpoint(self.paths.checkpoint("best"), record)
@@ -629,7 +659,7 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "history": [dict(row) for row in self.history],
-            "best_held_out_elbo": self.best_elbo,
+            "best_validation_elbo": self.best_elbo,
             "rng": {"torch": torch.random.get_rng_state()},
             "world_size": self.context.world_size,
             "data": str(Path(self.dataset.path).resolve()),
