@@ -44,7 +44,7 @@ from galaxyvae.config import ModelConfig, TrainConfig
 from galaxyvae.dataset import read_dataset
 from galaxyvae.model import GalaxyVAE, ResizeConvolution, count_parameters
 from galaxyvae.runs import read_log
-from galaxyvae.training import DistributedContext, configure_threads, train
+from galaxyvae.training import DistributedContext, configure_threads, train, validation_split
 
 PAPER_ITERATIONS_PER_S = 200.0
 
@@ -98,8 +98,9 @@ def straightforward_loop(data: Path, config: TrainConfig) -> tuple[float, float]
     from galaxyvae.model import PixelScaling
 
     dataset = read_dataset(data)
-    train_images = torch.from_numpy(dataset.images[~dataset.held_out])
-    held_out = torch.from_numpy(dataset.images[dataset.held_out])
+    fitted, validation = validation_split(dataset.train_index, config.validation_fraction, config.seed)
+    train_images = torch.from_numpy(dataset.images[fitted])
+    validation_images = torch.from_numpy(dataset.images[validation])
     torch.manual_seed(config.seed)
     model = GalaxyVAE(config.model, PixelScaling.fit(train_images.numpy()))
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
@@ -116,7 +117,7 @@ def straightforward_loop(data: Path, config: TrainConfig) -> tuple[float, float]
             seen += len(x)
         rates.append(seen / (time.perf_counter() - start))
     with torch.no_grad():
-        scaled = model.scale(held_out)
+        scaled = model.scale(validation_images)
         noise = torch.randn(1, len(scaled), config.model.latent_dim, generator=torch.Generator().manual_seed(0))
         elbo = -model(scaled, noise).double().mean().item() + model.log_jacobian()
     return statistics.median(rates[1:] or rates), elbo

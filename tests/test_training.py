@@ -129,11 +129,19 @@ def test_the_cosine_schedule_falls_from_the_step_size_to_zero_over_the_run(tmp_p
 
 
 def test_resume_can_extend_a_finished_run_and_keeps_its_settings(tmp_path, data):
-    whole = train(data, tmp_path / "whole", tiny(epochs=3), progress=False)
-    run = train(data, tmp_path / "run", tiny(epochs=2), progress=False)
+    whole = train(data, tmp_path / "whole", tiny(epochs=3, lr_schedule="constant"), progress=False)
+    run = train(data, tmp_path / "run", tiny(epochs=2, lr_schedule="constant"), progress=False)
     train(data, run, tiny(epochs=3, learning_rate=0.5), resume=True, progress=False)   # lr ignored: the run's own
     assert same_weights(weights(whole), weights(run))
     assert json.loads((run / "config.json").read_text())["epochs"] == 3
+
+
+def test_extending_a_cosine_run_warns_that_its_step_size_rises_again(tmp_path, data, caplog):
+    run = train(data, tmp_path / "run", tiny(epochs=2), progress=False)
+    assert TrainConfig().lr_schedule == "cosine"
+    with caplog.at_level("WARNING", logger="galaxyvae.training"):
+        train(data, run, tiny(epochs=4), resume=True, progress=False)
+    assert "cosine" in caplog.text and "from 0 to 0.0005" in caplog.text
 
 
 def test_an_existing_run_directory_is_not_overwritten_without_resume(tmp_path, data):

@@ -54,8 +54,9 @@ class TrainConfig:
     epochs: int = field(default=100, metadata={"help": "passes over the training split"})
     batch_size: int = field(default=128, metadata={"help": "images per gradient step (over all processes)"})
     learning_rate: float = field(default=1e-3, metadata={"help": "Adam step size"})
-    lr_schedule: str = field(default="constant", metadata={
-        "help": "constant: the step size throughout; cosine: decays it to zero over the run (half a cosine)",
+    lr_schedule: str = field(default="cosine", metadata={
+        "help": "cosine: decays the step size to zero over the run (half a cosine); constant: the step size "
+                "throughout",
         "choices": ["constant", "cosine"]})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, batching and noise"})
     validation_fraction: float = field(default=0.02, metadata={

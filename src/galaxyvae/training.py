@@ -357,7 +357,9 @@ class Trainer:
                    and getattr(stored, f) != getattr(config, f) and getattr(config, f) != getattr(TrainConfig(), f)]
         if ignored:
             log.warning("resuming %s with its own settings; ignoring the given %s", run_dir, ", ".join(ignored))
-        return replace(stored, **{f: getattr(config, f) for f in EXECUTION_SETTINGS})
+        resumed = replace(stored, **{f: getattr(config, f) for f in EXECUTION_SETTINGS})
+        _warn_if_schedule_restarts(stored, resumed)
+        return resumed
 
     def _check_settings(self) -> None:
         c = self.config
@@ -694,6 +696,16 @@ def scheduled_learning_rate(base: float, schedule: str, progress: float) -> floa
     if schedule == "cosine":
         return base * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
     raise InputError(f"lr_schedule (--lr-schedule) must be constant or cosine, not {schedule!r}")
+
+
+def _warn_if_schedule_restarts(stored: TrainConfig, resumed: TrainConfig) -> None:
+    """A cosine schedule is laid over the run's epochs, so extending a run raises its step size again."""
+    if stored.lr_schedule != "cosine" or resumed.epochs == stored.epochs:
+        return
+    before, after = (scheduled_learning_rate(stored.learning_rate, "cosine", min(1.0, stored.epochs / epochs))
+                     for epochs in (stored.epochs, resumed.epochs))
+    log.warning("the cosine schedule now spans %d epochs instead of %d: at epoch %d the step size goes from %.3g "
+                "to %.3g", resumed.epochs, stored.epochs, stored.epochs, before, after)
 
 
 def freeze(model: GalaxyVAE, part: str) -> None:
