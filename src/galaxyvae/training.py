@@ -417,6 +417,8 @@ class Trainer:
         freeze(self.model, config.freeze)
         self.model.to(self.device)
         self.data_info = data_record(self.dataset, scaling, len(self.validation_index))
+        log.info("%s: fitting %d images, %d set aside to choose the checkpoint, %d held out (not used)",
+                 self.dataset.path, len(fit_index), len(self.validation_index), int(self.dataset.held_out.sum()))
         self.train_x = self._to_device(fit_index)
         self.validation_x = self._to_device(self.validation_index)
         self.dataset.images = np.empty((0,) + self.dataset.images.shape[1:], np.float32)  # keep only the device copies
