@@ -145,6 +145,15 @@ def test_training_figure_marks_the_best_validation_epoch():
         figures.plot_training({"epoch": epoch, "train_loss": elbo})
 
 
+def test_training_figure_stars_the_lowest_validation_mse_when_it_chose_the_checkpoint():
+    epoch = np.arange(1, 6)
+    history = {"epoch": epoch, "train_loss": -epoch * 10.0, "validation_elbo": epoch * 10.0,
+               "validation_mse": np.array([5.0, 3.0, 2.0, 2.5, 4.0])}
+    fig = figures.plot_training(history, checkpoint_metric="mse")
+    labels = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert any("lowest validation MSE: epoch 3" in label for label in labels)
+
+
 def test_training_figure_of_an_older_run_says_its_checkpoint_was_chosen_on_the_held_out_split():
     epoch = np.arange(1, 4)
     fig = figures.plot_training({"epoch": epoch, "train_loss": -epoch - 1.0, "held_out_elbo": epoch * 1.0})

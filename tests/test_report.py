@@ -101,6 +101,15 @@ def test_report_shows_config_provenance_versions_and_training(tmp_path):
         assert text in page
 
 
+def test_the_report_names_the_epoch_of_the_lowest_validation_mse_when_it_chose_the_checkpoint(tmp_path):
+    run = fake_evaluated_run(tmp_path / "run")
+    (run / "config.json").write_text(json.dumps({"epochs": 3, "checkpoint_metric": "mse", "data": "/d.h5"}))
+    (run / "log.csv").write_text("epoch,step,train_loss,validation_elbo,validation_mse,images_per_s,seconds\n"
+                                 "1,10,-100,90,0.5,5000,2.0\n2,20,-120,115,0.25,5100,2.0\n3,30,-125,112,0.375,5200,2.0\n")
+    page = write_report(run).read_text()
+    assert "lowest validation MSE" in page and "0.25 at epoch 2" in page
+
+
 def test_the_report_of_an_older_run_names_the_held_out_elbo_that_chose_its_checkpoint(tmp_path):
     page = write_report(fake_evaluated_run(tmp_path / "run")).read_text()
     assert "best held-out ELBO" in page and "115 at epoch 2" in page

@@ -13,7 +13,7 @@ from galaxyvae.config import ModelConfig, TrainConfig
 from galaxyvae.dataset import DatasetError, choose_held_out, read_dataset, write_dataset
 from galaxyvae.errors import InputError
 from galaxyvae.model import PixelScaling
-from galaxyvae.runs import LOG_COLUMNS, CheckpointError, load_checkpoint
+from galaxyvae.runs import LOG_COLUMNS, CheckpointError, load_checkpoint, load_run
 from galaxyvae.training import (
     DistributedContext, RunExistsError, batch_plan, choose_device, configure_threads, dihedral_indices, train,
 )
@@ -414,3 +414,19 @@ def test_a_run_from_before_the_validation_subset_cannot_be_resumed(tmp_path, dat
     with pytest.raises(InputError, match="chosen on the held-out split"):
         train(data, run, tiny(epochs=2), resume=True, progress=False)
     assert [r["epoch"] for r in log_rows(run)] == ["1"]
+
+
+def test_the_validation_mse_is_logged_and_can_choose_the_checkpoint(tmp_path, data):
+    run = train(data, tmp_path / "run", tiny(epochs=4, checkpoint_metric="mse", validation_fraction=0.2),
+                progress=False)
+    rows = log_rows(run)
+    mse = [float(r["validation_mse"]) for r in rows]
+    assert load_checkpoint(run / "checkpoints" / "best.pt")["epoch"] == 1 + int(np.argmin(mse))
+    dataset = read_dataset(data)
+    _, validation = training.validation_split(dataset.train_index, 0.2, seed=0)
+    images = dataset.images[validation]
+    reconstruction = load_run(run, device="cpu", checkpoint="last").reconstruct(images)
+    independent = float(np.mean(np.mean((reconstruction.astype(np.float64) - images) ** 2, axis=(1, 2))))
+    assert mse[-1] == pytest.approx(independent, rel=1e-4)
+    with pytest.raises(InputError, match="checkpoint_metric"):
+        train(data, tmp_path / "bad", tiny(checkpoint_metric="loss"), progress=False)

@@ -62,6 +62,9 @@ class TrainConfig:
     validation_fraction: float = field(default=0.02, metadata={
         "help": "fraction of the training split set aside (drawn with --seed) whose ELBO picks the best "
                 "checkpoint; the held-out split is never used in training"})
+    checkpoint_metric: str = field(default="elbo", metadata={
+        "help": "what picks best.pt on the validation subset: elbo (highest ELBO), or mse (lowest pixel MSE of "
+                "the reconstruction f_mu(g_mu(x)))", "choices": ["elbo", "mse"]})
     mc_samples: int = field(default=1, metadata={"help": "reparameterised samples of z per image (k)"})
     augment: bool = field(default=False, metadata={"help": "random flips and 90-degree rotations"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})

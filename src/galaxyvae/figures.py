@@ -73,7 +73,8 @@ FIGURES = (
         "Left: the training loss (negative ELBO averaged over the epoch's mini-batches, mean nats per image) "
         "per epoch. Right: the ELBO of the validation images per epoch (higher is better; a subset of the "
         "training split set aside, never fitted), with the training ELBO (minus the loss) dashed for "
-        "comparison; the starred epoch has the best validation ELBO, whose weights (best.pt) the evaluation "
+        "comparison; the starred epoch has the best validation ELBO (or, for a run trained with "
+        "--checkpoint-metric mse, the lowest validation MSE), whose weights (best.pt) the evaluation "
         "and figures use. The held-out images are not used in training."),
     FigureSpec(
         "differences.png", "Per-image differences, VAE against the parametric fits",
@@ -453,11 +454,13 @@ def plot_samples(images: np.ndarray, units: str = "data units", columns: int = 8
     return fig
 
 
-def plot_training(history: dict) -> "object":
+def plot_training(history: dict, checkpoint_metric: str = "elbo") -> "object":
     """Training curves from a run's log.csv columns (``TrainedModel.history()``).
 
-    history: "epoch", "train_loss" (negative ELBO, mean nats per image) and "validation_elbo"
-             (mean nats per image; "held_out_elbo" in runs older than the validation subset), each (E,)
+    history:           "epoch", "train_loss" (negative ELBO, mean nats per image) and "validation_elbo"
+                       (mean nats per image; "held_out_elbo" in runs older than the validation
+                       subset), each (E,); with checkpoint_metric "mse" also "validation_mse"
+    checkpoint_metric: what chose best.pt (TrainConfig.checkpoint_metric); the star marks that epoch
     Returns the Figure with two axes: training loss, and validation ELBO with the training ELBO.
     """
     from galaxyvae.runs import selection_elbo
@@ -474,12 +477,14 @@ def plot_training(history: dict) -> "object":
     left.set(xlabel="epoch", ylabel="nats per image", title="training loss (negative ELBO)")
     right.plot(epoch, elbo, "o-", color="tab:green", markersize=3, label=f"{split} ELBO")
     right.plot(epoch, -loss, "--", color="tab:blue", label="training ELBO (= -loss)")
-    finite = np.isfinite(elbo)
+    score, what = (elbo, "ELBO") if checkpoint_metric == "elbo" else (-_history_column(history, "validation_mse"), "MSE")
+    finite = np.isfinite(score)
     if finite.any():
-        best = np.flatnonzero(finite)[np.argmax(elbo[finite])]
+        best = np.flatnonzero(finite)[np.argmax(score[finite])]
         right.axvline(epoch[best], color="0.5", linestyle=":", linewidth=1)
-        right.plot(epoch[best], elbo[best], "*", color="tab:red", markersize=12,
-                   label=f"best {split}: epoch {epoch[best]:g}, {elbo[best]:,.1f} nats")
+        label = (f"best {split}: epoch {epoch[best]:g}, {elbo[best]:,.1f} nats" if what == "ELBO" else
+                 f"best.pt, lowest validation MSE: epoch {epoch[best]:g} ({-score[best]:.4g})")
+        right.plot(epoch[best], elbo[best], "*", color="tab:red", markersize=12, label=label)
     _zoom_on_late_epochs(right, [elbo, -loss])
     _zoom_on_late_epochs(left, [loss])
     right.set(xlabel="epoch", ylabel="nats per image (higher is better)", title="ELBO per image")
@@ -488,6 +493,12 @@ def plot_training(history: dict) -> "object":
         ax.grid(alpha=0.3)
     fig.suptitle("Training by stochastic variational inference", fontsize=11)
     return fig
+
+
+def _history_column(history: dict, name: str) -> np.ndarray:
+    if name not in history:
+        raise InputError(f"training history lacks column {name}")
+    return np.asarray(history[name], dtype=float)
 
 
 def _zoom_on_late_epochs(ax, curves: list[np.ndarray]) -> None:
@@ -686,7 +697,7 @@ def make_run_figures(run_dir: str | Path, seed: int = 0, overwrite: bool = False
         "tsne.png": lambda: _tsne_for_run(context, max_tsne),
         "traversals.png": lambda: _traversals_for_run(context),
         "samples.png": lambda: plot_samples(context.model.sample(n_samples, seed=seed), units=context.units),
-        "training.png": lambda: plot_training(context.model.history()),
+        "training.png": lambda: plot_training(context.model.history(), context.model.config.checkpoint_metric),
         "differences.png": lambda: _differences_for_run(context),
     }
     written = []

@@ -246,7 +246,8 @@ def figures_section(folder: Path, specs) -> str:
 
 
 def training_section(run_dir: Path) -> str:
-    """Epochs, the best validation ELBO and the training time, from log.csv."""
+    """Epochs, the best validation ELBO (and the epoch of best.pt when chosen by MSE) and the
+    training time, from log.csv and config.json."""
     path = run_dir / "log.csv"
     if not path.is_file():
         return "<p>No training log (log.csv) in the run directory.</p>"
@@ -267,6 +268,11 @@ def training_section(run_dir: Path) -> str:
         "training time": f"{seconds / 60:.1f} min",
         "training speed (median images per second)": number(sorted(speed)[len(speed) // 2]) if speed else "?",
     }
+    if (read_json(run_dir / "config.json", required=False) or {}).get("checkpoint_metric") == "mse":
+        mse = [float(r.get("validation_mse") or "nan") for r in rows]
+        chosen = min(range(len(rows)), key=lambda i: mse[i] if mse[i] == mse[i] else float("inf"))
+        pairs["best.pt (lowest validation MSE of f_\u03bc(g_\u03bc(x)))"] = (
+            f"{number(mse[chosen])} at epoch {rows[chosen].get('epoch')}")
     return key_value_table(pairs)
 
 

@@ -7,7 +7,8 @@ A run directory (made by ``galaxyvae.training.train``)::
     RUN_DIR/data.json            the data set's provenance: path, size, attrs, provenance record, split sizes
     RUN_DIR/log.csv              one row per epoch (LOG_COLUMNS)
     RUN_DIR/checkpoints/last.pt  weights, pixel scaling, optimizer and progress after the latest epoch
-    RUN_DIR/checkpoints/best.pt  the same after the epoch with the highest validation ELBO
+    RUN_DIR/checkpoints/best.pt  the same after the best epoch on the validation subset (highest
+                                 ELBO, or lowest MSE with checkpoint_metric "mse")
 
 Checkpoints hold only tensors, plain containers and numbers, so they load with
 ``torch.load(weights_only=True)``.
@@ -36,10 +37,11 @@ from galaxyvae.model import GalaxyVAE, gaussian_log_density
 
 CHECKPOINT_FORMAT = "galaxyvae-checkpoint"
 CHECKPOINT_VERSION = 1
-LOG_COLUMNS = ("epoch", "step", "train_loss", "validation_elbo", "images_per_s", "seconds")
+LOG_COLUMNS = ("epoch", "step", "train_loss", "validation_elbo", "validation_mse", "images_per_s", "seconds")
 """log.csv columns: epoch (1-based), optimizer steps so far, mean training loss (negative ELBO)
 over the epoch and the ELBO of the validation subset after it (both mean nats per image in data
-units), training throughput and wall-clock seconds of the epoch. Runs made before the validation
+units), the mean pixel MSE of the validation reconstructions f_mu(g_mu(x)) (data units squared),
+training throughput and wall-clock seconds of the epoch. Empty cells read as NaN. Runs made before the validation
 subset existed have ``held_out_elbo`` instead: their checkpoints were chosen on the held-out split."""
 INFERENCE_BATCH = 1024
 """Images per forward pass in the trained-model API."""
@@ -172,7 +174,7 @@ def read_log(path: Path) -> dict[str, np.ndarray]:
     with path.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     columns = rows[0].keys() if rows else LOG_COLUMNS
-    return {name: np.array([float(row[name]) for row in rows], dtype=float) for name in columns}
+    return {name: np.array([float(row[name] or "nan") for row in rows], dtype=float) for name in columns}
 
 
 def selection_elbo(history: dict[str, Any]) -> tuple[np.ndarray, str]:
@@ -192,7 +194,7 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None, chec
 
     run_dir:    a directory made by ``galaxyvae train``
     device:     "cpu", "cuda", "cuda:N" or a torch.device; None picks CUDA when present
-    checkpoint: "best" (highest validation ELBO) or "last"
+    checkpoint: "best" (the best validation epoch, see TrainConfig.checkpoint_metric) or "last"
 
     Raises InputError if the directory is not a run or the checkpoint is missing, corrupt or foreign.
     """

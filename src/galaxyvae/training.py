@@ -3,8 +3,9 @@
 ``train(data, out, config)`` reads a data set, sets aside a seeded validation subset of its
 training split (``validation_fraction``), fits the pixel scaling on the rest and minimises the
 mean negative ELBO over the rest with Adam, one epoch at a time. After every epoch it computes
-the validation ELBO and writes (atomically, in this order) ``checkpoints/best.pt`` when the
-validation ELBO improved, ``checkpoints/last.pt`` and ``log.csv``; the layout is described in
+the validation ELBO and reconstruction MSE and writes (atomically, in this order)
+``checkpoints/best.pt`` when the one chosen by ``checkpoint_metric`` improved,
+``checkpoints/last.pt`` and ``log.csv``; the layout is described in
 :mod:`galaxyvae.runs`. The held-out split is never used, so it stays an unbiased test set for
 ``galaxyvae evaluate``.
 
@@ -188,6 +189,12 @@ def batch_plan(n_train: int, batch_size: int, seed: int, epoch: int) -> torch.Te
     order = torch.randperm(n_train, generator=epoch_generator(seed, epoch, _ORDER))
     steps = n_train // batch
     return order[: steps * batch].reshape(steps, batch)
+
+
+def selection_score(row: Mapping[str, float], metric: str) -> float:
+    """How good an epoch's log row is by ``metric`` ("elbo" or "mse"), higher is better: best.pt
+    keeps the epoch with the highest score so far."""
+    return row["validation_elbo"] if metric == "elbo" else -row["validation_mse"]
 
 
 def validation_split(train_index: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -374,6 +381,8 @@ class Trainer:
             raise InputError(f"precision must be fp32 or bf16, not {c.precision!r}")
         if c.compile not in ("auto", "on", "off"):
             raise InputError(f"compile must be auto, on or off, not {c.compile!r}")
+        if c.checkpoint_metric not in ("elbo", "mse"):
+            raise InputError(f"checkpoint_metric must be elbo or mse, not {c.checkpoint_metric!r}")
         if c.lr_schedule not in LR_SCHEDULES:
             raise InputError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {c.lr_schedule!r}")
         if c.freeze not in FROZEN_PARTS:
@@ -424,7 +433,7 @@ class Trainer:
         self.dataset.images = np.empty((0,) + self.dataset.images.shape[1:], np.float32)  # keep only the device copies
         self.optimizer = torch.optim.Adam(trainable_parameters(self.model), lr=config.learning_rate,
                                           **_fast_adam_options(self.device))
-        self.epoch, self.step, self.history, self.best_elbo = 0, 0, [], -math.inf
+        self.epoch, self.step, self.history, self.best_score = 0, 0, [], -math.inf
         if self.resume_record is not None:
             self._restore(self.resume_record)
         self.scaling = self.model.scaling
@@ -469,7 +478,7 @@ class Trainer:
         self.optimizer.load_state_dict(record["optimizer_state"])
         self.epoch, self.step = int(record["epoch"]), int(record["step"])
         self.history = [dict(row) for row in record["history"]]
-        self.best_elbo = float(record["best_validation_elbo"])
+        self.best_score = float(record.get("best_validation_score", record.get("best_validation_elbo")))
         torch.random.set_rng_state(record["rng"]["torch"])
 
     def _wrap(self, model: GalaxyVAE) -> torch.nn.Module:
@@ -500,17 +509,20 @@ class Trainer:
         for epoch in range(self.epoch + 1, self.config.epochs + 1):
             started = time.perf_counter()
             train_loss, images_per_s = self._train_epoch(epoch)
-            validation_elbo = self.validation_elbo()
+            validation_elbo, validation_mse = self.validation_scores()
             self.epoch = epoch
             row = {"epoch": epoch, "step": self.step, "train_loss": train_loss, "validation_elbo": validation_elbo,
-                   "images_per_s": images_per_s, "seconds": time.perf_counter() - started}
+                   "validation_mse": validation_mse, "images_per_s": images_per_s,
+                   "seconds": time.perf_counter() - started}
             self.history.append(row)
-            log.info("epoch %d/%d: training loss %.2f, validation ELBO %.2f nats per image, %.0f images/s",
-                     epoch, self.config.epochs, train_loss, validation_elbo, images_per_s)
+            log.info("epoch %d/%d: training loss %.2f, validation ELBO %.2f nats per image, validation MSE %.4g, "
+                     "%.0f images/s", epoch, self.config.epochs, train_loss, validation_elbo, validation_mse,
+                     images_per_s)
+            score = selection_score(row, self.config.checkpoint_metric)
             if self.context.is_main:
-                self._write_epoch(validation_elbo)
-            elif validation_elbo > self.best_elbo:
-                self.best_elbo = validation_elbo
+                self._write_epoch(score)
+            elif score > self.best_score:
+                self.best_score = score
         if self.context.distributed:
             import torch.distributed as dist
 
@@ -605,23 +617,27 @@ class Trainer:
             dist.all_reduce(value)
         return value
 
-    def validation_elbo(self) -> float:
-        """Mean ELBO of the validation images in nats per image, data units: one reparameterised
-        draw per image with noise fixed for the whole run, so that epochs are compared on equal terms."""
+    def validation_scores(self) -> tuple[float, float]:
+        """Mean ELBO of the validation images in nats per image, data units (one reparameterised
+        draw per image with noise fixed for the whole run, so that epochs are compared on equal
+        terms), and the mean pixel MSE of their reconstructions f_mu(g_mu(x)) in data units squared."""
         ctx = self.context
         n = len(self.validation_x)
         noise = torch.randn(1, n, self.config.model.latent_dim,
                             generator=epoch_generator(self.config.seed, 0, _VALIDATION_NOISE))
         mine = torch.arange(ctx.rank, n, ctx.world_size)
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         self.model.eval()
         with torch.no_grad():
             for start in range(0, len(mine), EVAL_BATCH):
                 index = mine[start:start + EVAL_BATCH]
                 x = self.validation_x[index.to(self.device)]
-                total += self.model.negative_elbo(x, noise[:, index].to(self.device)).double().sum()
+                totals[0] += self.model.negative_elbo(x, noise[:, index].to(self.device)).double().sum()
+                reconstruction, _ = self.model.decode(self.model.encode(x)[0])
+                totals[1] += (reconstruction - x).double().square().mean(dim=1).sum()
         self.model.train()
-        return -float(self._all_reduce(total)) / n + self.model.log_jacobian()
+        negative_elbo, squared = (float(v) / n for v in self._all_reduce(totals))
+        return -negative_elbo + self.model.log_jacobian(), squared * float(self.model.pixel_scale) ** 2
 
     # --- writing -------------------------------------------------------------------------------------
     def _write_run_files(self) -> None:
@@ -643,10 +659,10 @@ class Trainer:
             execution.update(master_addr=self.context.master_addr, master_port=self.context.master_port)
         write_json_atomic(self.paths.versions, {**library_versions(), "execution": execution})
 
-    def _write_epoch(self, validation_elbo: float) -> None:
-        improved = validation_elbo > self.best_elbo
+    def _write_epoch(self, score: float) -> None:
+        improved = score > self.best_score
         if improved:
-            self.best_elbo = validation_elbo
+            self.best_score = score
         record = self._checkpoint_record()
         if improved:
             save_checkpoint(self.paths.checkpoint("best"), record)
@@ -663,7 +679,7 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "history": [dict(row) for row in self.history],
-            "best_validation_elbo": self.best_elbo,
+            "best_validation_score": self.best_score,
             "rng": {"torch": torch.random.get_rng_state()},
             "world_size": self.context.world_size,
             "data": str(Path(self.dataset.path).resolve()),
