@@ -477,13 +477,14 @@ def plot_training(history: dict, checkpoint_metric: str = "elbo") -> "object":
     left.set(xlabel="epoch", ylabel="nats per image", title="training loss (negative ELBO)")
     right.plot(epoch, elbo, "o-", color="tab:green", markersize=3, label=f"{split} ELBO")
     right.plot(epoch, -loss, "--", color="tab:blue", label="training ELBO (= -loss)")
-    score, what = (elbo, "ELBO") if checkpoint_metric == "elbo" else (-_history_column(history, "validation_mse"), "MSE")
+    by_mse = checkpoint_metric == "mse"
+    score = -_history_column(history, "validation_mse") if by_mse else elbo
     finite = np.isfinite(score)
     if finite.any():
         best = np.flatnonzero(finite)[np.argmax(score[finite])]
         right.axvline(epoch[best], color="0.5", linestyle=":", linewidth=1)
-        label = (f"best {split}: epoch {epoch[best]:g}, {elbo[best]:,.1f} nats" if what == "ELBO" else
-                 f"best.pt, lowest validation MSE: epoch {epoch[best]:g} ({-score[best]:.4g})")
+        label = (f"best.pt, lowest validation MSE: epoch {epoch[best]:g} ({-score[best]:.4g})" if by_mse
+                 else f"best {split}: epoch {epoch[best]:g}, {elbo[best]:,.1f} nats")
         right.plot(epoch[best], elbo[best], "*", color="tab:red", markersize=12, label=label)
     _zoom_on_late_epochs(right, [elbo, -loss])
     _zoom_on_late_epochs(left, [loss])

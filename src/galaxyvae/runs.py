@@ -41,8 +41,9 @@ LOG_COLUMNS = ("epoch", "step", "train_loss", "validation_elbo", "validation_mse
 """log.csv columns: epoch (1-based), optimizer steps so far, mean training loss (negative ELBO)
 over the epoch and the ELBO of the validation subset after it (both mean nats per image in data
 units), the mean pixel MSE of the validation reconstructions f_mu(g_mu(x)) (data units squared),
-training throughput and wall-clock seconds of the epoch. Empty cells read as NaN. Runs made before the validation
-subset existed have ``held_out_elbo`` instead: their checkpoints were chosen on the held-out split."""
+training throughput and wall-clock seconds of the epoch. Empty cells read as NaN. Runs made
+before the validation subset existed have ``held_out_elbo`` instead (and no ``validation_mse``):
+their checkpoints were chosen on the held-out split."""
 INFERENCE_BATCH = 1024
 """Images per forward pass in the trained-model API."""
 REFINE_BATCH = 256
