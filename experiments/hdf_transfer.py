@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from galaxyvae._io import write_json_atomic, write_text_atomic
-from galaxyvae.config import ModelConfig, TrainConfig
+from galaxyvae.config import DISPLAY_PIXEL_VARIANCE_MAX, ModelConfig, TrainConfig
 from galaxyvae.evaluation import evaluate
 from galaxyvae.ingest import ingest
 from galaxyvae.simulation import simulate_survey
@@ -71,8 +71,10 @@ class Variant:
 VARIANTS = (Variant("mlp", False), Variant("conv", False), Variant("mlp", True), Variant("conv", True),
             Variant("mlp", True, "mse"), Variant("conv", True, "mse"))
 
-MODELS = {"mlp": ModelConfig(), "conv": ModelConfig(arch="conv", latent_dim=16)}
-"""Model shapes: the paper's MLP (z = 8) and the conv VAE with z = 16; both per-pixel variance."""
+MODELS = {"mlp": ModelConfig(pixel_variance_max=DISPLAY_PIXEL_VARIANCE_MAX),
+          "conv": ModelConfig(arch="conv", latent_dim=16, pixel_variance_max=DISPLAY_PIXEL_VARIANCE_MAX)}
+"""Model shapes: the paper's MLP (z = 8) and the conv VAE with z = 16; both per-pixel variance, with the
+ceiling for display levels (the cutouts and the deep-field survey are both stretched pictures)."""
 
 SCRATCH = TrainConfig(epochs=300, batch_size=16, augment=True, compile="off", validation_fraction=0.15)
 """Training on the cutouts alone (about 85 images, x8 with flips and rotations)."""

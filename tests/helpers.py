@@ -23,13 +23,14 @@ def gaussian_blobs(n: int, seed: int = 0, size: int = 69, noise: float = 0.05) -
     return images + rng.normal(0, noise, images.shape).astype(np.float32)
 
 
-def write_blob_dataset(path, n: int = 40, n_held_out: int = 8, seed: int = 0, **kwargs):
-    """Write a small valid data set of Gaussian blobs to ``path`` and return the path."""
+def write_blob_dataset(path, n: int = 40, n_held_out: int = 8, seed: int = 0, attrs_units: str = "arbitrary",
+                       **kwargs):
+    """Write a small valid data set of Gaussian blobs (pixel units ``attrs_units``) to ``path``; return the path."""
     images = gaussian_blobs(n, seed)
     families = np.array(["blob-a", "blob-b"] * (n // 2) + ["blob-a"] * (n % 2))
     return write_dataset(
         path, images, choose_held_out(n, n_held_out, seed),
-        attrs={"source": "test-blobs", "pixel_units": "arbitrary", "pixel_scale_arcsec": 0.396,
+        attrs={"source": "test-blobs", "pixel_units": attrs_units, "pixel_scale_arcsec": 0.396,
                "sky_subtracted": True, "seed": seed},
         metadata={"family": families}, provenance={"made_by": "tests.helpers"}, **kwargs,
     )

@@ -1,6 +1,7 @@
 import csv
 import json
 import math
+from dataclasses import replace
 
 import h5py
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 
 from galaxyvae import training
 from galaxyvae.cli import main
-from galaxyvae.config import ModelConfig, TrainConfig
+from galaxyvae.config import DISPLAY_PIXEL_VARIANCE_MAX, ModelConfig, TrainConfig
 from galaxyvae.dataset import DatasetError, choose_held_out, read_dataset, write_dataset
 from galaxyvae.errors import InputError
 from galaxyvae.model import PixelScaling
@@ -142,6 +143,21 @@ def test_extending_a_cosine_run_warns_that_its_step_size_rises_again(tmp_path, d
     with caplog.at_level("WARNING", logger="galaxyvae.training"):
         train(data, run, tiny(epochs=4), resume=True, progress=False)
     assert "cosine" in caplog.text and "from 0 to 0.0005" in caplog.text
+
+
+def test_display_level_data_with_the_linear_variance_ceiling_warns_and_names_the_setting(tmp_path, caplog):
+    display = write_blob_dataset(tmp_path / "display.h5", n=30, n_held_out=5,
+                                 attrs_units="8-bit display level (0-255), not calibrated")
+    with caplog.at_level("WARNING", logger="galaxyvae.training"):
+        train(display, tmp_path / "linear", tiny(epochs=1), progress=False)
+    assert "display levels" in caplog.text and f"--pixel-variance-max {DISPLAY_PIXEL_VARIANCE_MAX:g}" in caplog.text
+    caplog.clear()
+    suited = tiny(epochs=1, model=replace(tiny().model, pixel_variance_max=DISPLAY_PIXEL_VARIANCE_MAX))
+    with caplog.at_level("WARNING", logger="galaxyvae.training"):
+        train(display, tmp_path / "suited", suited, progress=False)
+        train(write_blob_dataset(tmp_path / "linear.h5", n=30, n_held_out=5), tmp_path / "blobs", tiny(epochs=1),
+              progress=False)
+    assert "display levels" not in caplog.text
 
 
 def test_an_existing_run_directory_is_not_overwritten_without_resume(tmp_path, data):

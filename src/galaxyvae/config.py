@@ -12,6 +12,15 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 
+DISPLAY_PIXEL_VARIANCE_MAX = 10.0
+"""The suggested ceiling of f_sigma, in sky-noise variances, for display-level pixels (an asinh or gamma
+stretch, 8-bit pictures). The stretch compresses the noise of bright pixels to at most the sky's, so a
+ceiling of 50, set for the Poisson noise of linear pixels, lets f_sigma absorb the model's misfit of the
+cores and the MSE suffers; a ceiling near 1 charges every misfit and the likelihood suffers. 10 maximised
+the smallest of the four cross-validated win fractions on the Hubble Deep Field training cutouts
+(``experiments/hdf_ceiling_cv.py``, docs/transfer.md); linear pixels keep ``ModelConfig.pixel_variance_max``."""
+
+
 @dataclass
 class ModelConfig:
     """Shape of the VAE. Defaults are the paper's: 69x69 pixels, z 8-dimensional, two hidden
@@ -40,7 +49,9 @@ class ModelConfig:
         default=1e-4, metadata={"help": "soft floor of the per-pixel variance f_sigma, in sky-noise variances"})
     pixel_variance_max: float = field(
         default=50.0, metadata={"help": "soft ceiling of the per-pixel variance f_sigma, in sky-noise variances: "
-                                        "above the noise of the brightest pixels, so f_sigma cannot hide misfit"})
+                                        "above the noise of the brightest pixels, so f_sigma cannot hide misfit "
+                                        f"(display-level pixels: {DISPLAY_PIXEL_VARIANCE_MAX:g}, "
+                                        "see docs/transfer.md)"})
     latent_variance_min: float = field(
         default=1e-6, metadata={"help": "soft floor of the variances g_sigma of q(z|x)"})
     latent_variance_max: float = field(

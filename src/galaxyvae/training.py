@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from galaxyvae._io import write_json_atomic
-from galaxyvae.config import ModelConfig, TrainConfig
+from galaxyvae.config import DISPLAY_PIXEL_VARIANCE_MAX, ModelConfig, TrainConfig
 from galaxyvae.dataset import GalaxyDataset, read_dataset
 from galaxyvae.errors import InputError, OutputExistsError
 from galaxyvae.model import SCALING_SAMPLE, GalaxyVAE, PixelScaling
@@ -423,6 +423,7 @@ class Trainer:
         fit_index = self.fit_index
         sample = self.dataset.images[fit_index[::max(1, len(fit_index) // SCALING_SAMPLE)]]
         self.model, scaling = self._initial_model(sample)
+        _warn_if_display_ceiling(self.dataset, self.config.model)
         freeze(self.model, config.freeze)
         self.model.to(self.device)
         self.data_info = data_record(self.dataset, scaling, len(self.validation_index))
@@ -724,6 +725,20 @@ def _warn_if_schedule_restarts(stored: TrainConfig, resumed: TrainConfig) -> Non
                      for epochs in (stored.epochs, resumed.epochs))
     log.warning("the cosine schedule now spans %d epochs instead of %d: at epoch %d the step size goes from %.3g "
                 "to %.3g", resumed.epochs, stored.epochs, stored.epochs, before, after)
+
+
+def is_display_levels(dataset: GalaxyDataset) -> bool:
+    """Whether the data set's pixels are display levels (a stretched picture), by its ``pixel_units``."""
+    return "display level" in str(dataset.attrs.get("pixel_units", "")).lower()
+
+
+def _warn_if_display_ceiling(dataset: GalaxyDataset, model: ModelConfig) -> None:
+    """A ceiling set for the Poisson noise of linear pixels lets f_sigma absorb misfit on stretched ones."""
+    if is_display_levels(dataset) and model.pixel_variance_max > DISPLAY_PIXEL_VARIANCE_MAX:
+        log.warning("%s holds display levels (%s): the stretch compresses the noise of bright pixels, so a "
+                    "pixel-variance ceiling of %g sky variances lets f_sigma absorb the model's misfit; "
+                    "--pixel-variance-max %g suits such data (docs/transfer.md)", dataset.path,
+                    dataset.attrs["pixel_units"], model.pixel_variance_max, DISPLAY_PIXEL_VARIANCE_MAX)
 
 
 def freeze(model: GalaxyVAE, part: str) -> None:
