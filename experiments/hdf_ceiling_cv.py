@@ -5,11 +5,12 @@ images. Choosing a setting by those scores would make them optimistic, so settin
 here on the other 85 only: they are split into ``--folds`` folds; for each pretrained run and each
 fold the run is fine-tuned (the experiment's ``FINETUNE`` settings) on the other folds and scored on
 that fold, amortised (MSE and likelihood wins), against per-image Gaussian and Sérsic fits. The
-held-out cutouts are never read. With ``--diagnose`` it also scores the MAP z* (200 steps of refinement) and the z that
-minimises the MSE itself (``mse_ceiling.py``), which separate the decoder's reach from inference.
+held-out cutouts are never read. With ``--diagnose`` it also scores the MAP z* (200 steps of
+refinement) and the z that minimises the MSE itself (``mse_ceiling.py``), which separate the
+decoder's reach from inference.
 
-    python experiments/hdf_ceiling_cv.py --out runs/ceiling_cv --hdf runs/transfer_v/hdf.h5 \\
-        --pretrained runs/transfer_v/pretrain-conv runs/transfer_d/pretrain-conv --diagnose
+    python experiments/hdf_ceiling_cv.py --out runs/ceiling_cv --hdf runs/transfer/hdf.h5 \\
+        --pretrained PRETRAINED_RUN [PRETRAINED_RUN ...] --diagnose
 
 Each pretrained run carries its own variance ceiling (``pixel_variance_max``), so this compares
 ceilings by comparing runs pretrained with them. Fine-tuned runs and fits are kept in OUT and
@@ -139,7 +140,7 @@ def likelihood_win_fractions(log_likelihood: np.ndarray, fits: dict[str, np.ndar
 
 
 def render(results: dict, n: int, folds: int) -> str:
-    """A Markdown table of the cross-validated MSE wins."""
+    """A Markdown table of the cross-validated likelihood and MSE wins."""
     lines = [f"{folds}-fold cross-validation over the {n} training cutouts (held-out cutouts not used). "
              "Wins against the Gaussian / Sérsic fits:", "",
              "| pretrained run | f_σ ceiling | likelihood, amortised | MSE, amortised f_μ(g_μ(x)) | MSE, MAP z* "
