@@ -52,6 +52,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--folds", type=int, default=5, help="folds of the training cutouts")
     p.add_argument("--seed", type=int, default=0, help="seed of the folds and of fine-tuning")
     p.add_argument("--diagnose", action="store_true", help="also score the MAP z* and the MSE-optimal z")
+    p.add_argument("--checkpoint-metric", choices=("elbo", "mse"), default="elbo",
+                   help="what picks each fine-tuned run's best.pt on its validation cutouts")
     return p.parse_args(argv)
 
 
@@ -68,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         results[str(pretrained)] = {"pixel_variance_max": load_run(pretrained).model.config.pixel_variance_max,
                                     "likelihood": likelihood_win_fractions(log_likelihood, fits),
                                     **{kind: mse_win_fractions(values, fits) for kind, values in mse.items()}}
-    write_json_atomic(args.out / "results.json", {"hdf": str(args.hdf), "n_cutouts": len(folds),
-                                                  "folds": args.folds, "seed": args.seed, "runs": results})
+    write_json_atomic(args.out / f"results-{args.checkpoint_metric}.json",
+                      {"hdf": str(args.hdf), "n_cutouts": len(folds), "folds": args.folds, "seed": args.seed,
+                       "checkpoint_metric": args.checkpoint_metric, "runs": results})
     print(render(results, len(folds), args.folds))
     return 0
 
@@ -111,7 +114,8 @@ def cross_validated_scores(pretrained: Path, cutouts, folds: np.ndarray,
 
 def fine_tuned(pretrained: Path, cutouts, folds: np.ndarray, k: int, args) -> Path:
     """The run fine-tuned from ``pretrained`` on every fold but ``k`` (trained once, then reused)."""
-    run_dir = args.out / pretrained.parent.name / pretrained.name / f"fold{k}"
+    metric = "" if args.checkpoint_metric == "elbo" else f"-{args.checkpoint_metric}"
+    run_dir = args.out / pretrained.parent.name / f"{pretrained.name}{metric}" / f"fold{k}"
     if (run_dir / "checkpoints" / "best.pt").exists():
         return run_dir
     data = args.out / f"fold{k}.h5"
@@ -120,7 +124,8 @@ def fine_tuned(pretrained: Path, cutouts, folds: np.ndarray, k: int, args) -> Pa
         write_dataset(data, cutouts.images, folds == k, attrs, provenance={"folds_of": str(args.hdf), "fold": k})
     log.info("fine-tuning %s on the cutouts outside fold %d", pretrained, k)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    return train(data, run_dir, replace(FINETUNE, seed=args.seed), init=pretrained, progress=False)
+    config = replace(FINETUNE, seed=args.seed, checkpoint_metric=args.checkpoint_metric)
+    return train(data, run_dir, config, init=pretrained, progress=False)
 
 
 def pixel_mse(model_images: np.ndarray, images: np.ndarray) -> np.ndarray:
