@@ -15,7 +15,7 @@ f_mu(g_mu(x)) instead of the highest validation ELBO (``--checkpoint-metric mse`
 checkpoint is chosen on a validation subset of the training cutouts; the held-out ones are
 only scored.
 
-Run from the repository root (about 10 minutes on 2 CPU cores, most of it the conv pretraining)::
+Run from the repository root (about 15 minutes on 2 CPU cores, most of it the conv pretraining)::
 
     python experiments/hdf_transfer.py --out runs/transfer --docs docs/transfer.md
 
@@ -78,8 +78,9 @@ ceiling for display levels (the cutouts and the deep-field survey are both stret
 
 SCRATCH = TrainConfig(epochs=300, batch_size=16, augment=True, compile="off", validation_fraction=0.15)
 """Training on the cutouts alone (about 85 images, x8 with flips and rotations)."""
-PRETRAIN = {"mlp": TrainConfig(epochs=100), "conv": TrainConfig(epochs=30)}
-"""Pretraining on the simulated survey (conv: fewer epochs, each costs ~10x the MLP's)."""
+PRETRAIN = {"mlp": TrainConfig(epochs=100), "conv": TrainConfig(epochs=60)}
+"""Pretraining on the simulated survey (conv: fewer epochs, each costs ~5x the MLP's; 60 rather than 30 was
+chosen by cross-validation inside the training cutouts, docs/transfer.md)."""
 FINETUNE = TrainConfig(epochs=150, batch_size=16, augment=True, compile="off", learning_rate=3e-4,
                        validation_fraction=0.15)
 """Fine-tuning a pretrained run on the cutouts (see docs/transfer.md for the choice)."""
