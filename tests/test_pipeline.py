@@ -1,5 +1,6 @@
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -24,6 +25,17 @@ def test_the_full_plan_is_the_papers_experiment():
     assert pipeline.FULL.n_held_out == 1000
     assert pipeline.FULL.batch_size == TrainConfig().batch_size  # the paper's model, TrainConfig defaults
     assert pipeline.QUICK.n_images < 1000 and pipeline.QUICK.epochs < pipeline.FULL.epochs
+    assert pipeline.FULL.augment  # flips and rotations: docs/model.md, "Augmentation and epochs"
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_the_train_stage_trains_with_the_plans_augmentation(tmp_path, augment):
+    paths = paths_in(tmp_path / "out", plan=replace(TINY, augment=augment))
+    write_blob_dataset(paths.survey, n=40, n_held_out=8)
+    pipeline.train_stage(paths)
+    config = json.loads((paths.run_dir / "config.json").read_text())
+    assert config["augment"] is augment
+    assert config["epochs"] == TINY.epochs
 
 
 def test_survey_stage_is_complete_only_for_a_data_set_of_the_planned_size(tmp_path):
