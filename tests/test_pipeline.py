@@ -28,14 +28,34 @@ def test_the_full_plan_is_the_papers_experiment():
     assert pipeline.FULL.augment  # flips and rotations: docs/model.md, "Augmentation and epochs"
 
 
-@pytest.mark.parametrize("augment", [True, False])
-def test_the_train_stage_trains_with_the_plans_augmentation(tmp_path, augment):
-    paths = paths_in(tmp_path / "out", plan=replace(TINY, augment=augment))
+@pytest.mark.parametrize("augment, latent_dim", [(True, 8), (False, 3)])
+def test_the_train_stage_trains_with_the_plans_augmentation_and_latent_dimension(tmp_path, augment, latent_dim):
+    paths = paths_in(tmp_path / "out", plan=replace(TINY, augment=augment, latent_dim=latent_dim))
     write_blob_dataset(paths.survey, n=40, n_held_out=8)
     pipeline.train_stage(paths)
     config = json.loads((paths.run_dir / "config.json").read_text())
     assert config["augment"] is augment
     assert config["epochs"] == TINY.epochs
+    assert config["model"]["latent_dim"] == latent_dim
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True])
+def test_reproduce_refuses_a_bad_latent_dimension_before_writing_anything(tmp_path, bad):
+    with pytest.raises(InputError, match="--latent-dim must be a positive integer"):
+        pipeline.reproduce(tmp_path / "out", plan=TINY, latent_dim=bad)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_latent_dimension_is_part_of_the_recorded_plan(tmp_path, monkeypatch):
+    from galaxyvae.cli import main
+
+    monkeypatch.setattr(pipeline, "QUICK", TINY)
+    monkeypatch.setattr(pipeline, "build_stages", lambda: [])  # the record only
+    out = tmp_path / "out"
+    assert main(["reproduce", "--quick", "--latent-dim", "4", "--out", str(out)]) == 0
+    assert json.loads((out / "reproduce.json").read_text())["plan"]["latent_dim"] == 4
+    with pytest.raises(InputError, match="another plan"):
+        pipeline.reproduce(out, plan=TINY)  # the same folder with z = 8 is another plan
 
 
 def test_survey_stage_is_complete_only_for_a_data_set_of_the_planned_size(tmp_path):

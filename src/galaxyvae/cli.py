@@ -267,13 +267,17 @@ def add_reproduce(commands) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a small, fast version (600 stamps, 20 epochs of batch 32; about a minute) for tests and CI")
     p.add_argument("--seed", type=int, default=0, help="seed of every step")
+    p.add_argument("--latent-dim", type=int, default=None, metavar="N",
+                   help="dimension of z (default: the paper's 8; 16 is the documented step beyond it, "
+                        "docs/model.md)")
     p.set_defaults(run=run_reproduce)
 
 
 def run_reproduce(args) -> int:
     from galaxyvae.pipeline import reproduce
 
-    report = reproduce(args.out, quick=args.quick, seed=args.seed, progress=show_progress(args))
+    report = reproduce(args.out, quick=args.quick, seed=args.seed, progress=show_progress(args),
+                       latent_dim=args.latent_dim)
     print(f"report: {report}")
     return 0
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from galaxyvae._io import write_json_atomic
-from galaxyvae.config import TrainConfig
+from galaxyvae.config import ModelConfig, TrainConfig
 from galaxyvae.errors import InputError
 from galaxyvae.provenance import command_line, library_versions, utc_now
 
@@ -49,6 +49,7 @@ class ReproducePlan:
     n_held_out: int = 1000
     epochs: int = 200
     augment: bool = True
+    latent_dim: int = ModelConfig().latent_dim
     batch_size: int = TrainConfig().batch_size
     importance_samples: int = 64
     max_tsne: int = 1000
@@ -97,7 +98,7 @@ class Paths:
 
 
 def reproduce(out: str | Path, quick: bool = False, seed: int = 0, plan: ReproducePlan | None = None,
-              progress: bool = True) -> Path:
+              progress: bool = True, latent_dim: int | None = None) -> Path:
     """Simulate, train, evaluate, draw the figures and write the report into ``out``; return the
     path of the report (OUT/run/report.html).
 
@@ -105,11 +106,16 @@ def reproduce(out: str | Path, quick: bool = False, seed: int = 0, plan: Reprodu
     seed:  seed of every step (simulation, split, initialisation, Monte Carlo, figures)
     plan:  explicit sizes, overriding ``quick`` (e.g. an even smaller plan for tests)
     progress: show progress bars within the stages; each stage's start and end are logged anyway
+    latent_dim: the dimension of z, replacing the plan's (the paper's 8); recorded in the plan
 
     Resumable: completed stages are skipped, an interrupted training continues. Raises
     InputError if OUT holds a reproduction made with a different plan or seed.
     """
     plan = plan or (QUICK if quick else FULL)
+    if latent_dim is not None:
+        if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
+            raise InputError(f"--latent-dim must be a positive integer, got {latent_dim!r}")
+        plan = dataclasses.replace(plan, latent_dim=latent_dim)
     paths = Paths(out=Path(out), plan=plan, seed=seed, progress=progress)
     if paths.out.exists() and not paths.out.is_dir():
         raise InputError(f"--out {paths.out}: is a file, not a folder")
@@ -140,7 +146,8 @@ def build_stages() -> list[Stage]:
     return [
         Stage("simulate", "simulating {plan.n_images:,} stamps ({plan.n_held_out:,} held out) -> {paths.survey}",
               survey_complete, simulate_stage),
-        Stage("train", "training for {plan.epochs} epochs (batch {plan.batch_size}) -> {paths.run_dir}",
+        Stage("train", "training for {plan.epochs} epochs (batch {plan.batch_size}, augment {plan.augment}, "
+                       "z {plan.latent_dim}-dimensional) -> {paths.run_dir}",
               training_complete, train_stage),
         Stage("evaluate", "held-out metrics ({plan.importance_samples} importance samples) against the fits",
               evaluation_complete, evaluate_stage),
@@ -207,7 +214,7 @@ def train_stage(paths: Paths) -> None:
     if resume:
         log.info("reproduce: continuing the interrupted training in %s", paths.run_dir)
     config = TrainConfig(epochs=paths.plan.epochs, batch_size=paths.plan.batch_size, augment=paths.plan.augment,
-                         seed=paths.seed)
+                         model=ModelConfig(latent_dim=paths.plan.latent_dim), seed=paths.seed)
     train(paths.survey, paths.run_dir, config, resume=resume, progress=paths.progress)
 
 
