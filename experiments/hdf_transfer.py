@@ -63,7 +63,7 @@ class Variant:
 
     @property
     def label(self) -> str:
-        arch = {"mlp": "the paper's MLP (z = 8)", "conv": "conv (z = 16)"}[self.arch]
+        arch = {"mlp": "the paper's MLP (z = 8)", "conv": "conv (z = 32)"}[self.arch]
         label = f"{arch}, {'pretrained on the simulation + fine-tuned' if self.pretrained else 'from scratch'}"
         return label + ("" if self.checkpoint_metric == "elbo" else ", checkpoint by validation MSE")
 
@@ -72,8 +72,8 @@ VARIANTS = (Variant("mlp", False), Variant("conv", False), Variant("mlp", True),
             Variant("mlp", True, "mse"), Variant("conv", True, "mse"))
 
 MODELS = {"mlp": ModelConfig(pixel_variance_max=DISPLAY_PIXEL_VARIANCE_MAX),
-          "conv": ModelConfig(arch="conv", latent_dim=16, pixel_variance_max=DISPLAY_PIXEL_VARIANCE_MAX)}
-"""Model shapes: the paper's MLP (z = 8) and the conv VAE with z = 16; both per-pixel variance, with the
+          "conv": ModelConfig(arch="conv", latent_dim=32, pixel_variance_max=DISPLAY_PIXEL_VARIANCE_MAX)}
+"""Model shapes: the paper's MLP (z = 8) and the conv VAE with z = 32 (chosen by cross-validation, docs/transfer.md); both per-pixel variance, with the
 ceiling for display levels (the cutouts and the deep-field survey are both stretched pictures)."""
 
 SCRATCH = TrainConfig(epochs=300, batch_size=16, augment=True, compile="off", validation_fraction=0.15)
