@@ -275,6 +275,38 @@ def test_freeze_keeps_the_chosen_part_of_the_pretrained_model_fixed(tmp_path, da
     assert json.loads((tuned / "config.json").read_text())["freeze"] == part
 
 
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_freeze_mean_refits_f_sigma_under_a_new_ceiling_and_keeps_f_mu_bit_for_bit(tmp_path, data, arch):
+    model = ModelConfig(arch=arch, hidden=16, conv_channels=2, pixel_variance_max=2.0)
+    first = train(data, tmp_path / "first", tiny(epochs=2, model=model), progress=False)
+    raised = replace(model, pixel_variance_max=40.0)
+    tuned = train(data, tmp_path / "tuned", tiny(epochs=2, freeze="mean", model=raised, learning_rate=0.05),
+                  init=first, progress=False)
+    before, after = load_run(first).model, load_run(tuned).model
+    assert after.config == raised and json.loads((tuned / "config.json").read_text())["model"]["pixel_variance_max"] == 40
+    x = torch.as_tensor(read_dataset(data).images[:6]).reshape(6, -1)
+    with torch.no_grad():
+        mean_before, log_var_before = before.decode(before.encode(before.scale(x))[0])
+        mean_after, log_var_after = after.decode(after.encode(after.scale(x))[0])
+    assert torch.equal(mean_before, mean_after)
+    assert not torch.equal(log_var_before, log_var_after)
+    assert float(log_var_before.max()) <= math.log(2.0) < float(log_var_after.max()) <= math.log(40.0)
+    start, end = weights(first, "best"), weights(tuned)
+    assert all(torch.equal(start[k], end[k]) for k in start if not k.startswith("decoder_head."))
+
+
+def test_init_may_change_the_variance_bounds_but_not_the_shape_from_the_command_line(tmp_path, data, capsys):
+    first = train(data, tmp_path / "first", tiny(epochs=1), progress=False)
+    assert main(["train", str(data), "--out", str(tmp_path / "tuned"), "--init", str(first), "--epochs", "1",
+                 "--pixel-variance-max", "7", "--freeze", "mean", "--compile", "off"]) == 0
+    stored = json.loads((tmp_path / "tuned" / "config.json").read_text())["model"]
+    assert stored == {**ModelConfig(hidden=16).__dict__, "pixel_variance_max": 7.0}
+    assert main(["train", str(data), "--out", str(tmp_path / "wider"), "--init", str(first),
+                 "--latent-dim", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--init" in err and "pixel_variance_max" in err and not (tmp_path / "wider").exists()
+
+
 def test_freeze_without_init_is_refused_naming_the_option(tmp_path, data, capsys):
     assert main(["train", str(data), "--out", str(tmp_path / "run"), "--freeze", "decoder"]) == 2
     assert "--freeze decoder" in capsys.readouterr().err and not (tmp_path / "run").exists()

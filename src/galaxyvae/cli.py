@@ -174,13 +174,21 @@ def add_train(commands) -> None:
 
 
 def run_train(args) -> int:
-    from galaxyvae.config import TrainConfig, config_from_arguments, given_arguments
+    from dataclasses import replace
+
+    from galaxyvae.config import ModelConfig, TrainConfig, config_from_arguments, given_arguments
+    from galaxyvae.runs import RunPaths, read_run_config
     from galaxyvae.training import resumed_config, train
 
     if args.resume:
         config = resumed_config(args.out, **given_arguments(args, TrainConfig))
     else:
         config = config_from_arguments(args, TrainConfig)
+    model_settings = given_arguments(args, ModelConfig)
+    if args.init is not None and not args.resume and model_settings:
+        # Model options given with --init amend the init run's model (train() refuses shape changes).
+        init_model = read_run_config(RunPaths(args.init))[0].model
+        config = replace(config, model=replace(init_model, **model_settings))
     run_dir = train(args.data, args.out, config, resume=args.resume,
                     init=args.init, progress=show_progress(args))
     log.info("trained: %s", run_dir)

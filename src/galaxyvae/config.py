@@ -87,9 +87,11 @@ class TrainConfig:
     threads: int = field(default=0, metadata={
         "help": "CPU threads per process; 0: OMP_NUM_THREADS if set, else the available cores"})
     freeze: str = field(default="none", metadata={
-        "help": "with --init, weights kept fixed while fine-tuning: none, encoder (g), decoder (f), or "
-                "decoder-body (f's hidden layers; its output layer still learns)",
-        "choices": ["none", "encoder", "decoder", "decoder-body"]})
+        "help": "with --init, weights kept fixed while fine-tuning: none, encoder (g), decoder (f), "
+                "decoder-body (f's hidden layers; its output layer still learns), or mean (all that "
+                "f_mu(g_mu(x)) depends on: only f_sigma's output weights learn, e.g. under a new "
+                "--pixel-variance-max)",
+        "choices": ["none", "encoder", "decoder", "decoder-body", "mean"]})
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -27,7 +27,7 @@ back to the data set's pixel units with the log-Jacobian ``GalaxyVAE.log_jacobia
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -253,6 +253,32 @@ class GalaxyVAE(nn.Module):
         scaling = scaling or PixelScaling(0.0, 1.0)
         self.register_buffer("pixel_offset", torch.tensor(float(scaling.offset), dtype=torch.float64))
         self.register_buffer("pixel_scale", torch.tensor(float(scaling.scale), dtype=torch.float64))
+
+    def set_pixel_variance_bounds(self, low: float, high: float) -> None:
+        """Replace the floor and ceiling of f_sigma (sky variances) and record them in ``config``.
+
+        The weights are kept; the raw output is bent onto the new bounds (``bounded_log_variance``),
+        so a model trained under a low ceiling can have its variances refitted under a higher one
+        (``--freeze mean``).
+        """
+        config = replace(self.config, pixel_variance_min=low, pixel_variance_max=high)
+        _check_config(config)
+        self.config = config
+        self.pixel_log_var_bounds = (math.log(low), math.log(high))
+
+    def variance_output_masks(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """For each parameter of ``decoder_head``, a 0/1 tensor of its shape that is 1 exactly on
+        the weights and biases producing log f_sigma, 0 on those producing f_mu.
+
+        Both heads put the means first along their output axis (dimension 0 of weight and bias):
+        the MLP head's rows 0..n_pixels-1 and the conv head's channel 0, as ``decode`` reads them.
+        """
+        masks = []
+        for parameter in self.decoder_head.parameters():
+            mask = torch.ones_like(parameter)
+            mask[: parameter.shape[0] // 2] = 0
+            masks.append((parameter, mask))
+        return masks
 
     # --- pixel scaling ------------------------------------------------------------------------
     @property

@@ -423,9 +423,10 @@ class Trainer:
         fit_index = self.fit_index
         sample = self.dataset.images[fit_index[::max(1, len(fit_index) // SCALING_SAMPLE)]]
         self.model, scaling = self._initial_model(sample)
-        _warn_if_display_ceiling(self.dataset, self.config.model)
-        freeze(self.model, config.freeze)
+        if config.freeze != "mean":  # refitting f_sigma alone cannot let it absorb misfit of f_mu
+            _warn_if_display_ceiling(self.dataset, self.config.model)
         self.model.to(self.device)
+        self.gradient_masks = freeze(self.model, config.freeze)
         self.data_info = data_record(self.dataset, scaling, len(self.validation_index))
         log.info("%s: fitting %d images, %d set aside to choose the checkpoint, %d held out (not used)",
                  self.dataset.path, len(fit_index), len(self.validation_index), int(self.dataset.held_out.sum()))
@@ -451,9 +452,16 @@ class Trainer:
             record = load_checkpoint(RunPaths(self.init).checkpoint("best"))
             model = model_from_checkpoint(record, RunPaths(self.init).checkpoint("best")).train()
         init_model = ModelConfig(**record["model_config"])
-        if self.config.model not in (init_model, ModelConfig()):
-            raise InputError(f"--init {self.init}: its model ({init_model}) differs from the requested one")
-        self.config = replace(self.config, model=init_model)
+        requested = init_model if self.config.model == ModelConfig() else self.config.model
+        if replace(requested, **{name: getattr(init_model, name) for name in ADJUSTABLE_AT_INIT}) != init_model:
+            raise InputError(f"--init {self.init}: its model ({init_model}) differs from the requested one "
+                             f"({requested}); only {' and '.join(ADJUSTABLE_AT_INIT)} may change")
+        if requested != init_model:
+            log.info("--init %s: f_sigma bounds %g to %g sky variances (were %g to %g)", self.init,
+                     requested.pixel_variance_min, requested.pixel_variance_max,
+                     init_model.pixel_variance_min, init_model.pixel_variance_max)
+            model.set_pixel_variance_bounds(requested.pixel_variance_min, requested.pixel_variance_max)
+        self.config = replace(self.config, model=requested)
         # The transfer rule (docs/transfer.md): the network works in sky-noise units of the data it
         # is trained on, so the scaling is refitted here rather than inherited from the init run.
         scaling = PixelScaling.fit(scaling_sample)
@@ -556,6 +564,8 @@ class Trainer:
             loss = losses.sum() * weight
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            for parameter, keep in self.gradient_masks:
+                parameter.grad.mul_(keep)
             self.optimizer.step()
             self.step += 1
             total += losses.detach().sum()
@@ -700,8 +710,13 @@ FROZEN_PARTS = {
     "encoder": ("encoder", "encoder_head"),
     "decoder": ("decoder", "decoder_head"),
     "decoder-body": ("decoder",),
+    "mean": ("encoder", "encoder_head", "decoder"),
 }
-"""The submodules of ``GalaxyVAE`` that each ``--freeze`` choice keeps fixed."""
+"""The submodules of ``GalaxyVAE`` that each ``--freeze`` choice keeps fixed; "mean" also fixes the
+half of ``decoder_head`` that paints f_mu (``freeze`` returns the masks that do it)."""
+
+ADJUSTABLE_AT_INIT = ("pixel_variance_min", "pixel_variance_max")
+"""Model settings that ``--init`` may change: bounds of f_sigma, not shapes of weights."""
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -741,11 +756,15 @@ def _warn_if_display_ceiling(dataset: GalaxyDataset, model: ModelConfig) -> None
                     dataset.attrs["pixel_units"], model.pixel_variance_max, DISPLAY_PIXEL_VARIANCE_MAX)
 
 
-def freeze(model: GalaxyVAE, part: str) -> None:
-    """Stop gradients into the submodules named by ``FROZEN_PARTS[part]`` (in place)."""
+def freeze(model: GalaxyVAE, part: str) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """Stop gradients into the submodules named by ``FROZEN_PARTS[part]`` (in place), and return
+    (parameter, 0/1 mask) pairs by which each step multiplies the gradients of partly frozen
+    parameters: for "mean", the mean half of f's output layer, so that f_mu(g_mu(x)) stays the
+    pretrained one bit for bit (Adam moves no weight whose gradient is always 0)."""
     for name in FROZEN_PARTS[part]:
         for parameter in getattr(model, name).parameters():
             parameter.requires_grad_(False)
+    return model.variance_output_masks() if part == "mean" else []
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
