@@ -31,10 +31,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hdf_transfer import FINETUNE  # noqa: E402
+from hdf_transfer import FINETUNE, REFIT_SIGMA  # noqa: E402
 from mse_ceiling import mse_optimal_latents  # noqa: E402
 
 from galaxyvae._io import write_json_atomic  # noqa: E402
+from galaxyvae.config import TrainConfig  # noqa: E402
 from galaxyvae.baselines import fit_gaussian, fit_sersic, max_gaussian_log_likelihood  # noqa: E402
 from galaxyvae.dataset import read_dataset, write_dataset  # noqa: E402
 from galaxyvae.runs import SUGGESTED_REFINE_STEPS, load_run  # noqa: E402
@@ -54,25 +55,40 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--diagnose", action="store_true", help="also score the MAP z* and the MSE-optimal z")
     p.add_argument("--checkpoint-metric", choices=("elbo", "mse"), default="elbo",
                    help="what picks each fine-tuned run's best.pt on its validation cutouts")
+    p.add_argument("--finetune-ceiling", type=float, default=None,
+                   help="f_sigma ceiling while fine-tuning (default: the pretrained run's)")
+    p.add_argument("--finetune", nargs="*", default=[], metavar="SETTING=VALUE",
+                   help="fine-tuning settings that replace the experiment's FINETUNE ones, e.g. epochs=300")
+    p.add_argument("--refit-sigma", type=float, nargs="*", default=[],
+                   help="after fine-tuning, refit f_sigma alone (--freeze mean) under each of these ceilings "
+                        "and score its likelihood (the MSE cannot change)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = parse_arguments(argv)
+    args.finetune = finetune_settings(args.finetune)
     args.out.mkdir(parents=True, exist_ok=True)
     cutouts = read_dataset(args.hdf, split="train")
     folds = np.random.default_rng(args.seed).permutation(len(cutouts.images)) % args.folds
     fits = baseline_scores(cutouts.images, args.out / "baselines.npz")
     results = {}
     for pretrained in args.pretrained:
-        mse, log_likelihood = cross_validated_scores(pretrained, cutouts, folds, args)
-        results[str(pretrained)] = {"pixel_variance_max": load_run(pretrained).model.config.pixel_variance_max,
-                                    "likelihood": likelihood_win_fractions(log_likelihood, fits),
-                                    **{kind: mse_win_fractions(values, fits) for kind, values in mse.items()}}
-    write_json_atomic(args.out / f"results-{args.checkpoint_metric}.json",
+        ceiling = args.finetune_ceiling or load_run(pretrained).model.config.pixel_variance_max
+        for recalibrated in [None, *args.refit_sigma]:
+            mse, log_likelihood = cross_validated_scores(pretrained, cutouts, folds, args, recalibrated)
+            label = str(pretrained) + (f" → f_σ refitted under {recalibrated:g}" if recalibrated else "")
+            results[label] = {"pixel_variance_max": ceiling,
+                              "likelihood": likelihood_win_fractions(log_likelihood, fits),
+                              **{kind: mse_win_fractions(values, fits) for kind, values in mse.items()}}
+    suffix = f"-ceiling{args.finetune_ceiling:g}" if args.finetune_ceiling else ""
+    suffix += "".join(f"-{key}{value}" for key, value in args.finetune.items())
+    write_json_atomic(args.out / f"results-{args.checkpoint_metric}{suffix}.json",
                       {"hdf": str(args.hdf), "n_cutouts": len(folds), "folds": args.folds, "seed": args.seed,
-                       "checkpoint_metric": args.checkpoint_metric, "runs": results})
+                       "checkpoint_metric": args.checkpoint_metric, "finetune_ceiling": args.finetune_ceiling,
+                       "finetune": args.finetune,
+                       "runs": results})
     print(render(results, len(folds), args.folds))
     return 0
 
@@ -89,16 +105,20 @@ def baseline_scores(images: np.ndarray, cache: Path) -> dict[str, np.ndarray]:
         return dict(stored)
 
 
-def cross_validated_scores(pretrained: Path, cutouts, folds: np.ndarray,
-                           args) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Each cutout scored by the run fine-tuned without its fold: the MSE of f_mu(z) by kind of z
-    ("amortised", and with --diagnose "map", "mse_optimal") -> (N,), and the amortised
+def cross_validated_scores(pretrained: Path, cutouts, folds: np.ndarray, args,
+                           recalibrated: float | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Each cutout scored by the run fine-tuned without its fold (and, with ``recalibrated``, its
+    f_sigma then refitted under that ceiling): the MSE of f_mu(z) by kind of z ("amortised", and
+    with --diagnose "map", "mse_optimal") -> (N,), and the amortised
     log N(x; f_mu(g_mu(x)), f_sigma(g_mu(x))) in nats, (N,)."""
     kinds = ("amortised", "map", "mse_optimal") if args.diagnose else ("amortised",)
     mse = {kind: np.full(len(folds), np.nan) for kind in kinds}
     log_likelihood = np.full(len(folds), np.nan)
     for k in range(args.folds):
-        model = load_run(fine_tuned(pretrained, cutouts, folds, k, args))
+        run_dir = fine_tuned(pretrained, cutouts, folds, k, args)
+        if recalibrated is not None:
+            run_dir = variance_refitted(run_dir, recalibrated, args)
+        model = load_run(run_dir)
         for parameter in model.model.parameters():
             parameter.requires_grad_(False)
         scored = folds == k
@@ -115,7 +135,9 @@ def cross_validated_scores(pretrained: Path, cutouts, folds: np.ndarray,
 def fine_tuned(pretrained: Path, cutouts, folds: np.ndarray, k: int, args) -> Path:
     """The run fine-tuned from ``pretrained`` on every fold but ``k`` (trained once, then reused)."""
     metric = "" if args.checkpoint_metric == "elbo" else f"-{args.checkpoint_metric}"
-    run_dir = args.out / pretrained.parent.name / f"{pretrained.name}{metric}" / f"fold{k}"
+    ceiling = f"-ceiling{args.finetune_ceiling:g}" if args.finetune_ceiling else ""
+    settings = "".join(f"-{key}{value}" for key, value in args.finetune.items())
+    run_dir = args.out / pretrained.parent.name / f"{pretrained.name}{metric}{ceiling}{settings}" / f"fold{k}"
     if (run_dir / "checkpoints" / "best.pt").exists():
         return run_dir
     data = args.out / f"fold{k}.h5"
@@ -124,8 +146,35 @@ def fine_tuned(pretrained: Path, cutouts, folds: np.ndarray, k: int, args) -> Pa
         write_dataset(data, cutouts.images, folds == k, attrs, provenance={"folds_of": str(args.hdf), "fold": k})
     log.info("fine-tuning %s on the cutouts outside fold %d", pretrained, k)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    config = replace(FINETUNE, seed=args.seed, checkpoint_metric=args.checkpoint_metric)
+    config = replace(FINETUNE, seed=args.seed, checkpoint_metric=args.checkpoint_metric, **args.finetune)
+    if args.finetune_ceiling:
+        config = replace(config, model=replace(load_run(pretrained).model.config,
+                                               pixel_variance_max=args.finetune_ceiling))
     return train(data, run_dir, config, init=pretrained, progress=False)
+
+
+def finetune_settings(pairs: list[str]) -> dict[str, object]:
+    """``["epochs=300", ...]`` -> ``{"epochs": 300, ...}``, each value of its TrainConfig field's type."""
+    defaults = TrainConfig().to_dict()
+    settings = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in defaults or key == "model" or not value:
+            raise SystemExit(f"--finetune {pair!r}: expected SETTING=VALUE with a TrainConfig setting")
+        kind = type(defaults[key])
+        settings[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return settings
+
+
+def variance_refitted(fine_tuned_run: Path, ceiling: float, args) -> Path:
+    """``fine_tuned_run`` with f_sigma alone refitted under ``ceiling`` (``REFIT_SIGMA``) on the same cutouts."""
+    run_dir = fine_tuned_run.with_name(f"{fine_tuned_run.name}-sigma{ceiling:g}")
+    if (run_dir / "checkpoints" / "best.pt").exists():
+        return run_dir
+    model = replace(load_run(fine_tuned_run).model.config, pixel_variance_max=ceiling)
+    config = replace(REFIT_SIGMA, seed=args.seed, model=model)  # the MSE cannot change: choose by ELBO
+    data = json.loads((fine_tuned_run / "config.json").read_text())["data"]
+    return train(data, run_dir, config, init=fine_tuned_run, progress=False)
 
 
 def pixel_mse(model_images: np.ndarray, images: np.ndarray) -> np.ndarray:
