@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hdf_transfer import FINETUNE, REFIT_SIGMA  # noqa: E402
+from hdf_transfer import FINETUNE, REFIT_SIGMA, check_same_settings  # noqa: E402
 from mse_ceiling import mse_optimal_latents  # noqa: E402
 
 from galaxyvae._io import write_json_atomic  # noqa: E402
@@ -138,6 +138,11 @@ def fine_tuned(pretrained: Path, cutouts, folds: np.ndarray, k: int, args) -> Pa
     ceiling = f"-ceiling{args.finetune_ceiling:g}" if args.finetune_ceiling else ""
     settings = "".join(f"-{key}{value}" for key, value in args.finetune.items())
     run_dir = args.out / pretrained.parent.name / f"{pretrained.name}{metric}{ceiling}{settings}" / f"fold{k}"
+    config = replace(FINETUNE, seed=args.seed, checkpoint_metric=args.checkpoint_metric, **args.finetune)
+    if args.finetune_ceiling:
+        config = replace(config, model=replace(load_run(pretrained).model.config,
+                                               pixel_variance_max=args.finetune_ceiling))
+    check_same_settings(run_dir, config)
     if (run_dir / "checkpoints" / "best.pt").exists():
         return run_dir
     data = args.out / f"fold{k}.h5"
@@ -146,10 +151,6 @@ def fine_tuned(pretrained: Path, cutouts, folds: np.ndarray, k: int, args) -> Pa
         write_dataset(data, cutouts.images, folds == k, attrs, provenance={"folds_of": str(args.hdf), "fold": k})
     log.info("fine-tuning %s on the cutouts outside fold %d", pretrained, k)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    config = replace(FINETUNE, seed=args.seed, checkpoint_metric=args.checkpoint_metric, **args.finetune)
-    if args.finetune_ceiling:
-        config = replace(config, model=replace(load_run(pretrained).model.config,
-                                               pixel_variance_max=args.finetune_ceiling))
     return train(data, run_dir, config, init=pretrained, progress=False)
 
 
@@ -169,10 +170,11 @@ def finetune_settings(pairs: list[str]) -> dict[str, object]:
 def variance_refitted(fine_tuned_run: Path, ceiling: float, args) -> Path:
     """``fine_tuned_run`` with f_sigma alone refitted under ``ceiling`` (``REFIT_SIGMA``) on the same cutouts."""
     run_dir = fine_tuned_run.with_name(f"{fine_tuned_run.name}-sigma{ceiling:g}")
-    if (run_dir / "checkpoints" / "best.pt").exists():
-        return run_dir
     model = replace(load_run(fine_tuned_run).model.config, pixel_variance_max=ceiling)
     config = replace(REFIT_SIGMA, seed=args.seed, model=model)  # the MSE cannot change: choose by ELBO
+    check_same_settings(run_dir, config)
+    if (run_dir / "checkpoints" / "best.pt").exists():
+        return run_dir
     data = json.loads((fine_tuned_run / "config.json").read_text())["data"]
     return train(data, run_dir, config, init=fine_tuned_run, progress=False)
 

@@ -192,6 +192,7 @@ def refit_sigma(trained: Path, data: Path, run_dir: Path, seed: int) -> Path:
 
 def train_once(data: Path, run_dir: Path, config: TrainConfig, init: Path | None) -> Path:
     """Train into ``run_dir`` unless it holds a finished run; continue an interrupted one."""
+    check_same_settings(run_dir, config)
     if finished(run_dir, config.epochs):
         log.info("%s: already trained, skipped", run_dir)
         return run_dir
@@ -199,6 +200,21 @@ def train_once(data: Path, run_dir: Path, config: TrainConfig, init: Path | None
     log.info("training %s on %s%s", run_dir, data, f" from {init}" if init and not resume else "")
     return train(data, run_dir, None if resume else config, resume=resume, init=None if resume else init,
                  progress=sys.stderr.isatty())
+
+
+def check_same_settings(run_dir: Path, config: TrainConfig) -> None:
+    """Refuse to reuse a run in ``run_dir`` that was trained with other settings than ``config``
+    (the model is compared only when ``config`` names one; a fine-tuned run takes its init's)."""
+    if not (run_dir / "config.json").exists():
+        return
+    stored = json.loads((run_dir / "config.json").read_text())
+    wanted = config.to_dict()
+    ignored = {"data", "init", "device", "threads"} | ({"model"} if config.model == ModelConfig() else set())
+    differing = sorted(key for key in wanted if key not in ignored and stored.get(key) != wanted[key])
+    if differing:
+        raise SystemExit(f"{run_dir} was trained with other settings ({', '.join(differing)}: "
+                         f"{[stored.get(k) for k in differing]}, now {[wanted[k] for k in differing]}); "
+                         "choose a new --out")
 
 
 def finished(run_dir: Path, epochs: int) -> bool:
