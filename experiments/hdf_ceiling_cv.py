@@ -13,7 +13,10 @@ decoder's reach from inference.
         --pretrained PRETRAINED_RUN [PRETRAINED_RUN ...] --diagnose
 
 Each pretrained run carries its own variance ceiling (``pixel_variance_max``), so this compares
-ceilings by comparing runs pretrained with them. Fine-tuned runs and fits are kept in OUT and
+ceilings by comparing runs pretrained with them; ``--finetune-ceiling`` replaces it while
+fine-tuning, ``--finetune SETTING=VALUE`` replaces fine-tuning settings, and ``--refit-sigma C``
+also scores each fine-tuned run after its f_sigma alone is refitted under ceiling C (the
+experiment's ``REFIT_SIGMA``). Fine-tuned runs and fits are kept in OUT and
 reused when the script is run again.
 """
 
@@ -76,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for pretrained in args.pretrained:
         ceiling = args.finetune_ceiling or load_run(pretrained).model.config.pixel_variance_max
-        for recalibrated in [None, *args.refit_sigma]:
-            mse, log_likelihood = cross_validated_scores(pretrained, cutouts, folds, args, recalibrated)
-            label = str(pretrained) + (f" → f_σ refitted under {recalibrated:g}" if recalibrated else "")
+        for refit_ceiling in [None, *args.refit_sigma]:
+            mse, log_likelihood = cross_validated_scores(pretrained, cutouts, folds, args, refit_ceiling)
+            label = str(pretrained) + (f" → f_σ refitted under {refit_ceiling:g}" if refit_ceiling else "")
             results[label] = {"pixel_variance_max": ceiling,
                               "likelihood": likelihood_win_fractions(log_likelihood, fits),
                               **{kind: mse_win_fractions(values, fits) for kind, values in mse.items()}}
@@ -106,8 +109,8 @@ def baseline_scores(images: np.ndarray, cache: Path) -> dict[str, np.ndarray]:
 
 
 def cross_validated_scores(pretrained: Path, cutouts, folds: np.ndarray, args,
-                           recalibrated: float | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Each cutout scored by the run fine-tuned without its fold (and, with ``recalibrated``, its
+                           refit_ceiling: float | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Each cutout scored by the run fine-tuned without its fold (and, with ``refit_ceiling``, its
     f_sigma then refitted under that ceiling): the MSE of f_mu(z) by kind of z ("amortised", and
     with --diagnose "map", "mse_optimal") -> (N,), and the amortised
     log N(x; f_mu(g_mu(x)), f_sigma(g_mu(x))) in nats, (N,)."""
@@ -116,8 +119,8 @@ def cross_validated_scores(pretrained: Path, cutouts, folds: np.ndarray, args,
     log_likelihood = np.full(len(folds), np.nan)
     for k in range(args.folds):
         run_dir = fine_tuned(pretrained, cutouts, folds, k, args)
-        if recalibrated is not None:
-            run_dir = variance_refitted(run_dir, recalibrated, args)
+        if refit_ceiling is not None:
+            run_dir = variance_refitted(run_dir, refit_ceiling, args)
         model = load_run(run_dir)
         for parameter in model.model.parameters():
             parameter.requires_grad_(False)
