@@ -16,7 +16,7 @@ Each pretrained run carries its own variance ceiling (``pixel_variance_max``), s
 ceilings by comparing runs pretrained with them; ``--finetune-ceiling`` replaces it while
 fine-tuning, ``--finetune SETTING=VALUE`` replaces fine-tuning settings, and ``--refit-sigma C``
 also scores each fine-tuned run after its f_sigma alone is refitted under ceiling C (the
-experiment's ``REFIT_SIGMA``). Fine-tuned runs and fits are kept in OUT and
+experiment's ``refit_sigma``). Fine-tuned runs and fits are kept in OUT and
 reused when the script is run again.
 """
 
@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hdf_transfer import FINETUNE, REFIT_SIGMA, check_same_settings  # noqa: E402
+from hdf_transfer import FINETUNE, check_same_settings, refit_sigma  # noqa: E402
 from mse_ceiling import mse_optimal_latents  # noqa: E402
 
 from galaxyvae._io import write_json_atomic  # noqa: E402
@@ -120,7 +120,9 @@ def cross_validated_scores(pretrained: Path, cutouts, folds: np.ndarray, args,
     for k in range(args.folds):
         run_dir = fine_tuned(pretrained, cutouts, folds, k, args)
         if refit_ceiling is not None:
-            run_dir = variance_refitted(run_dir, refit_ceiling, args)
+            data = Path(json.loads((run_dir / "config.json").read_text())["data"])
+            run_dir = refit_sigma(run_dir, data, run_dir.with_name(f"{run_dir.name}-sigma{refit_ceiling:g}"),
+                                  args.seed, refit_ceiling)
         model = load_run(run_dir)
         for parameter in model.model.parameters():
             parameter.requires_grad_(False)
@@ -168,18 +170,6 @@ def finetune_settings(pairs: list[str]) -> dict[str, object]:
         kind = type(defaults[key])
         settings[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     return settings
-
-
-def variance_refitted(fine_tuned_run: Path, ceiling: float, args) -> Path:
-    """``fine_tuned_run`` with f_sigma alone refitted under ``ceiling`` (``REFIT_SIGMA``) on the same cutouts."""
-    run_dir = fine_tuned_run.with_name(f"{fine_tuned_run.name}-sigma{ceiling:g}")
-    model = replace(load_run(fine_tuned_run).model.config, pixel_variance_max=ceiling)
-    config = replace(REFIT_SIGMA, seed=args.seed, model=model)  # the MSE cannot change: choose by ELBO
-    check_same_settings(run_dir, config)
-    if (run_dir / "checkpoints" / "best.pt").exists():
-        return run_dir
-    data = json.loads((fine_tuned_run / "config.json").read_text())["data"]
-    return train(data, run_dir, config, init=fine_tuned_run, progress=False)
 
 
 def pixel_mse(model_images: np.ndarray, images: np.ndarray) -> np.ndarray:

@@ -184,10 +184,11 @@ def fit_variant(variant: Variant, hdf: Path, init: Path | None, out: Path, seed:
     return train_once(hdf, out / variant.trained_name, config, init=init)
 
 
-def refit_sigma(trained: Path, data: Path, run_dir: Path, seed: int) -> Path:
-    """``trained`` with f_sigma alone refitted under ``REFIT_CEILING`` (f_mu and g unchanged)."""
+def refit_sigma(trained: Path, data: Path, run_dir: Path, seed: int, ceiling: float = REFIT_CEILING) -> Path:
+    """``trained`` with f_sigma alone refitted on ``data`` under ``ceiling`` (f_mu and g unchanged);
+    the MSE cannot change, so the checkpoint is chosen by the validation ELBO."""
     model = replace(ModelConfig(**json.loads((trained / "config.json").read_text())["model"]),
-                    pixel_variance_max=REFIT_CEILING)
+                    pixel_variance_max=ceiling)
     return train_once(data, run_dir, replace(REFIT_SIGMA, seed=seed, model=model), init=trained)
 
 
