@@ -85,14 +85,16 @@ MODELS = {"mlp": ModelConfig(pixel_variance_max=DISPLAY_PIXEL_VARIANCE_MAX),
 docs/transfer.md); both per-pixel variance, with the ceiling for display levels (the cutouts and the
 deep-field survey are both stretched pictures)."""
 
-SCRATCH = TrainConfig(epochs=300, batch_size=16, augment=True, compile="off", validation_fraction=0.15)
-"""Training on the cutouts alone (about 85 images, x8 with flips and rotations)."""
+SCRATCH = TrainConfig(epochs=300, batch_size=16, augment=True, augment_shift=2, compile="off",
+                      validation_fraction=0.15)
+"""Training on the cutouts alone (about 85 images, x200 with flips, rotations and shifts of up to 2 pixels)."""
 PRETRAIN = {"mlp": TrainConfig(epochs=100), "conv": TrainConfig(epochs=60)}
 """Pretraining on the simulated survey (conv: fewer epochs, each costs ~5x the MLP's; 60 rather than 30 was
 chosen by cross-validation inside the training cutouts, docs/transfer.md)."""
-FINETUNE = TrainConfig(epochs=300, batch_size=16, augment=True, compile="off", learning_rate=1e-4,
-                       validation_fraction=0.15)
-"""Fine-tuning a pretrained run on the cutouts (epochs and step size chosen by cross-validation, docs/transfer.md)."""
+FINETUNE = TrainConfig(epochs=300, batch_size=16, augment=True, augment_shift=2, compile="off",
+                       learning_rate=1e-4, validation_fraction=0.15)
+"""Fine-tuning a pretrained run on the cutouts (epochs, step size and shifts chosen by cross-validation,
+docs/transfer.md)."""
 REFIT_SIGMA = replace(FINETUNE, epochs=60, learning_rate=1e-3, freeze="mean")
 """Refitting f_sigma alone (``--freeze mean``: f_mu(g_mu(x)) kept bit for bit) after training, on the
 same cutouts, under the ceiling ``REFIT_CEILING`` (docs/transfer.md, "Two ceilings")."""

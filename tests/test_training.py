@@ -16,7 +16,8 @@ from galaxyvae.errors import InputError
 from galaxyvae.model import PixelScaling
 from galaxyvae.runs import LOG_COLUMNS, CheckpointError, load_checkpoint, load_run
 from galaxyvae.training import (
-    DistributedContext, RunExistsError, batch_plan, choose_device, configure_threads, dihedral_indices, train,
+    DistributedContext, RunExistsError, augmentation_indices, batch_plan, choose_device, configure_threads,
+    dihedral_indices, train,
 )
 from tests.helpers import gaussian_blobs, write_blob_dataset
 
@@ -327,6 +328,32 @@ def test_augmentation_uses_the_eight_flips_and_rotations():
         expected.add(np.rot90(image, k).T.tobytes())
     got = {image.reshape(-1)[index].reshape(side, side).tobytes() for index in dihedral_indices(side).numpy()}
     assert got == expected and len(got) == 8
+
+
+def test_shift_augmentation_draws_every_flip_and_rotation_at_every_wrapped_shift():
+    side, shift = 7, 2
+    image = np.arange(side * side).reshape(side, side)
+    flipped = [np.rot90(image, k) for k in range(4)] + [np.rot90(image, k).T for k in range(4)]
+    expected = {np.roll(f, (dy, dx), (0, 1)).tobytes() for f in flipped
+                for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1)}
+    table = augmentation_indices(side, flips=True, shift=shift).numpy()
+    assert table.shape == (8 * 25, side * side)
+    assert {image.reshape(-1)[index].reshape(side, side).tobytes() for index in table} == expected
+    shifts_only = augmentation_indices(side, flips=False, shift=1).numpy()
+    assert {image.reshape(-1)[index].reshape(side, side).tobytes() for index in shifts_only} == {
+        np.roll(image, (dy, dx), (0, 1)).tobytes() for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
+    assert augmentation_indices(side, flips=False, shift=0) is None
+
+
+def test_a_shift_augmented_run_differs_from_a_flip_only_one_and_a_too_large_shift_is_refused(tmp_path, data):
+    flips = train(data, tmp_path / "flips", tiny(augment=True), progress=False)
+    shifted = train(data, tmp_path / "shifted", tiny(augment=True, augment_shift=2), progress=False)
+    assert all(math.isfinite(float(r["validation_elbo"])) for r in log_rows(shifted))
+    assert not same_weights(weights(flips), weights(shifted))
+    assert json.loads((shifted / "config.json").read_text())["augment_shift"] == 2
+    with pytest.raises(InputError, match="augment_shift must be 0 to 8 pixels"):
+        train(data, tmp_path / "far", tiny(augment_shift=9), progress=False)
+    assert not (tmp_path / "far").exists()
 
 
 def test_an_augmented_run_trains_and_differs_from_a_plain_one(tmp_path, data):

@@ -78,6 +78,9 @@ class TrainConfig:
                 "the reconstruction f_mu(g_mu(x)))", "choices": ["elbo", "mse"]})
     mc_samples: int = field(default=1, metadata={"help": "reparameterised samples of z per image (k)"})
     augment: bool = field(default=False, metadata={"help": "random flips and 90-degree rotations"})
+    augment_shift: int = field(default=0, metadata={
+        "help": "also shift each training image by a random whole number of pixels, from -N to N along "
+                "each axis, wrapping round the stamp edges (0: no shifts; at most an eighth of the side)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
     precision: str = field(default="fp32", metadata={
         "help": "fp32, or bf16 autocast of the matrix products (the loss stays fp32)", "choices": ["fp32", "bf16"]})

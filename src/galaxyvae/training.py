@@ -217,6 +217,21 @@ def validation_split(train_index: np.ndarray, fraction: float, seed: int) -> tup
     return train_index[~chosen], train_index[chosen]
 
 
+def augmentation_indices(side: int, flips: bool, shift: int) -> torch.Tensor | None:
+    """Pixel permutations of a flattened (side, side) stamp that training draws from, one per row:
+    the 8 flips and rotations (``flips``) composed with every whole-pixel shift (dy, dx), -shift to
+    shift per axis, wrapped round the edges; shape ((2 shift + 1)^2 * (8 if flips else 1), side^2),
+    shift-major, int32 (44 MB for 69-pixel stamps with flips and shift 8, the most allowed).
+    None when there is nothing to draw (no flips, shift 0)."""
+    if not flips and shift == 0:
+        return None
+    base = dihedral_indices(side) if flips else torch.arange(side * side)[None]
+    grid = torch.arange(side * side).reshape(side, side)
+    offsets = range(-shift, shift + 1)
+    shifted = [torch.roll(grid, (dy, dx), (0, 1)).reshape(-1)[base] for dx in offsets for dy in offsets]
+    return torch.cat(shifted).to(torch.int32)
+
+
 def dihedral_indices(side: int) -> torch.Tensor:
     """(8, side*side) pixel permutations of the 8 flips and 90-degree rotations of a square stamp."""
     grid = torch.arange(side * side).reshape(side, side)
@@ -385,6 +400,9 @@ class Trainer:
             raise InputError(f"checkpoint_metric must be elbo or mse, not {c.checkpoint_metric!r}")
         if c.lr_schedule not in LR_SCHEDULES:
             raise InputError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {c.lr_schedule!r}")
+        if not 0 <= c.augment_shift <= c.model.image_size // 8:
+            raise InputError(f"augment_shift must be 0 to {c.model.image_size // 8} pixels (an eighth of the "
+                             f"{c.model.image_size}-pixel side), not {c.augment_shift}")
         if c.freeze not in FROZEN_PARTS:
             raise InputError(f"freeze must be one of {', '.join(FROZEN_PARTS)}, not {c.freeze!r}")
         if c.freeze != "none" and self.init is None and not self._resuming:
@@ -441,7 +459,8 @@ class Trainer:
         self.scaling = self.model.scaling
         self.compiled = self._should_compile()
         self.network = self._wrap(self.model)
-        self.dihedral = dihedral_indices(config.model.image_size).to(self.device) if config.augment else None
+        augmentations = augmentation_indices(config.model.image_size, config.augment, config.augment_shift)
+        self.augmentations = augmentations.to(self.device) if augmentations is not None else None
 
     def _initial_model(self, scaling_sample: np.ndarray) -> tuple[GalaxyVAE, PixelScaling]:
         with torch.random.fork_rng(devices=[]):
@@ -544,8 +563,9 @@ class Trainer:
         steps, batch = plan.shape
         noise = torch.randn(steps, config.mc_samples, batch, config.model.latent_dim,
                             generator=epoch_generator(config.seed, epoch, _NOISE))
-        elements = (torch.randint(0, 8, plan.shape, generator=epoch_generator(config.seed, epoch, _AUGMENT))
-                    if config.augment else None)
+        elements = (torch.randint(0, len(self.augmentations), plan.shape,
+                                  generator=epoch_generator(config.seed, epoch, _AUGMENT))
+                    if self.augmentations is not None else None)
         plan, noise = plan[:, ctx.rank::ctx.world_size].to(self.device), noise[:, :, ctx.rank::ctx.world_size].to(self.device)
         # Each process's loss is its images' share of the batch sum, scaled so that DDP's average over
         # processes is the mean over the whole batch.
@@ -559,7 +579,8 @@ class Trainer:
             self._set_learning_rate((epoch - 1 + i / steps) / config.epochs)
             x = self.train_x.index_select(0, plan[i])
             if elements is not None:
-                x = torch.gather(x, 1, self.dihedral[elements[i, ctx.rank::ctx.world_size].to(self.device)])
+                chosen = self.augmentations[elements[i, ctx.rank::ctx.world_size].to(self.device)]
+                x = torch.gather(x, 1, chosen.long())
             losses = self._losses(x, noise[i], autocast)
             loss = losses.sum() * weight
             self.optimizer.zero_grad(set_to_none=True)
