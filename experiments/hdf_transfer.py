@@ -212,6 +212,8 @@ def check_same_settings(run_dir: Path, config: TrainConfig) -> None:
     if not (run_dir / "config.json").exists():
         return
     stored = json.loads((run_dir / "config.json").read_text())
+    # A run made before a setting existed was trained with its default.
+    stored = TrainConfig.from_dict({k: v for k, v in stored.items() if k not in ("data", "init")}).to_dict()
     wanted = config.to_dict()
     ignored = {"data", "init", "device", "threads"} | ({"model"} if config.model == ModelConfig() else set())
     differing = sorted(key for key in wanted if key not in ignored and stored.get(key) != wanted[key])
