@@ -26,8 +26,15 @@ def survey(tmp_path_factory):
 
 
 def _spec_of_family(family: str, seed: int = 0) -> stamp.StampSpec:
-    index = next(i for i in range(1000) if stamp.family_of(seed, i) == family)
-    return stamp.draw_stamp(seed, index)
+    """The first stamp of ``family`` in the default survey, or in the deep-field one for a family
+    outside the default mix."""
+    from galaxyvae.simulation.families import FAMILY_BY_NAME
+    from galaxyvae.simulation.presets import DEEP_FIELD
+
+    preset = DEEP_FIELD if FAMILY_BY_NAME[family].fraction == 0 else None
+    fractions = preset.family_fractions if preset else None
+    index = next(i for i in range(1000) if stamp.family_of(seed, i, fractions) == family)
+    return stamp.draw_stamp(seed, index, preset=preset.name) if preset else stamp.draw_stamp(seed, index)
 
 
 def test_survey_has_the_data_set_format_and_units(survey):
@@ -44,7 +51,8 @@ def test_survey_has_the_data_set_format_and_units(survey):
 
 
 def test_every_family_appears_labelled_in_the_intended_mix(survey):
-    assert set(survey.metadata["family"]) == set(FAMILY_NAMES)
+    assert set(survey.metadata["family"]) == {family.name for family in FAMILIES if family.fraction > 0}
+    assert set(FAMILY_NAMES) - set(survey.metadata["family"]) == {"thin_disk"}  # deep-field preset only
     families = [stamp.family_of(3, i) for i in range(20_000)]
     for family in FAMILIES:
         assert families.count(family.name) / len(families) == pytest.approx(family.fraction, abs=0.002)
@@ -174,10 +182,10 @@ def test_structured_families_keep_their_flux_and_dusty_ones_lose_light_to_dust()
         spec = _spec_of_family(family, seed=4)
         rendered = stamp.render_stamp(spec, noise=False)
         # the stamp holds most of the galaxy's (post-dust) flux
-        assert 0.8 < rendered.central.sum() / spec.galaxy["flux_nmgy"] < 1.01, family
+        assert 0.8 < rendered.central.sum() / (spec.galaxy["flux_nmgy"] * rendered.flux_scale) < 1.01, family
         if family in ("edge_on_disk", "sombrero"):
             assert rendered.dust_transmission < 0.95, family
-        if family in ("smooth_elliptical", "lenticular", "irregular"):
+        if family in ("smooth_elliptical", "lenticular", "irregular", "thin_disk"):
             assert rendered.dust_transmission == pytest.approx(1.0, abs=1e-4), family
 
 
@@ -282,6 +290,31 @@ def test_deep_field_stamps_have_the_documented_properties(deep_field):
     families = deep_field.metadata["family"]
     assert {"distorted_spiral", "irregular"} <= set(families)
     assert DEEP_FIELD.family_fractions["distorted_spiral"] + DEEP_FIELD.family_fractions["irregular"] == 0.5
+
+
+def second_moment_axis_ratio(image: np.ndarray) -> float:
+    """b/a of a noiseless image from its flux-weighted second moments."""
+    y, x = np.indices(image.shape, dtype=np.float64)
+    w = np.clip(image, 0, None) / np.clip(image, 0, None).sum()
+    dx, dy = x - (w * x).sum(), y - (w * y).sum()
+    eigen = np.linalg.eigvalsh([[(w * dx * dx).sum(), (w * dx * dy).sum()], [(w * dx * dy).sum(), (w * dy * dy).sum()]])
+    return float(np.sqrt(eigen[0] / eigen[1]))
+
+
+def test_deep_field_thin_disks_are_elongated_and_its_seeing_is_sharper():
+    from galaxyvae.simulation.presets import DEEP_FIELD
+
+    thin = [i for i in range(60) if stamp.family_of(2, i, DEEP_FIELD.family_fractions) == "thin_disk"]
+    assert len(thin) >= 3
+    for index in thin[:3]:
+        spec = stamp.draw_stamp(2, index, preset="deep-field")
+        assert 63 <= spec.galaxy["inclination_deg"] <= 90 and spec.galaxy["axis_ratio"] < 0.46
+        # Observed through the sharper seeing, the disk still looks at most ~half as wide as long.
+        assert second_moment_axis_ratio(stamp.render_stamp(spec).central) < 0.55
+    seeing = np.array([stamp.draw_stamp(2, i, preset="deep-field").psf.fwhm_arcsec for i in range(60)])
+    low, high = (DEEP_FIELD.psf_fwhm_factor * f for f in observing.PSF_FWHM_RANGE)
+    assert low - 1e-4 <= seeing.min() and seeing.max() <= high + 1e-4
+    assert np.median(seeing) == pytest.approx(DEEP_FIELD.psf_fwhm_factor * observing.PSF_FWHM_MEDIAN, rel=0.1)
 
 
 def test_deep_field_radius_and_peak_follow_the_preset():

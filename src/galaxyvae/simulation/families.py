@@ -31,6 +31,12 @@ DISK_THICKNESS = 0.12
 THICK_DISK_THICKNESS = 0.22
 """Intrinsic axis ratio of the thicker disks of lenticulars."""
 
+THIN_DISK_THICKNESS = (0.06, 0.12)
+"""Range of the intrinsic axis ratio (scale height over radius) of bulgeless thin disks."""
+
+THIN_DISK_COS_RANGE = (0.0, 0.45)
+"""cos(inclination) of the thin disks: 63 to 90 degrees, the elongated ones."""
+
 
 @dataclass(frozen=True)
 class Family:
@@ -445,6 +451,22 @@ def render_smooth_elliptical(p):
                                 p["position_angle_deg"]), p["x_arcsec"], p["y_arcsec"])
 
 
+def draw_thin_disk(rng, base):
+    """Parameters of a bulgeless late-type disk (like NGC 4244) seen at a high inclination: a thin
+    exponential disk and nothing else. The deep-field preset needs it: the Hubble Deep Field cutouts
+    hold many flat, elongated galaxies that the other families, all with a bulge or a thick or
+    moderately inclined disk, never produce (docs/simulation.md)."""
+    thickness = rng.uniform(*THIN_DISK_THICKNESS)
+    return dict(_inclined(rng, THIN_DISK_COS_RANGE, thickness), scale_height_ratio=_r(thickness))
+
+
+def render_thin_disk(p):
+    """A GalSim InclinedExponential disk with a sech^2 vertical profile, drawn in Fourier space."""
+    disk = inclined_disk(p["half_light_radius_arcsec"], p["flux_nmgy"], p["inclination_deg"],
+                         p["scale_height_ratio"], p["position_angle_deg"])
+    return canvas.draw_k(disk, p["x_arcsec"], p["y_arcsec"])
+
+
 def draw_lenticular(rng, base):
     """Parameters of an idealised lenticular: Sersic bulge + thick exponential disk."""
     p = _inclined(rng, (0.08, 1.0), THICK_DISK_THICKNESS)
@@ -471,6 +493,8 @@ FAMILIES = (
     Family("sombrero", "the Sombrero, M104", 0.07, 4.0, draw_sombrero, render_sombrero),
     Family("smooth_elliptical", "idealised Sersic elliptical", 0.20, 2.6, draw_smooth_elliptical, render_smooth_elliptical),
     Family("lenticular", "idealised bulge + disk (S0)", 0.15, 3.0, draw_lenticular, render_lenticular),
+    Family("thin_disk", "NGC 4244, a bulgeless disk seen nearly edge-on (not in the default mix)", 0.0, 4.0,
+           draw_thin_disk, render_thin_disk),
 )
 FAMILY_BY_NAME = {family.name: family for family in FAMILIES}
 FAMILY_NAMES = tuple(family.name for family in FAMILIES)

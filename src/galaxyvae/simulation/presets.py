@@ -71,6 +71,8 @@ class SimulationPreset:
     half_light_radius_pix:  central galaxy's r50 log-uniform on this range, in stamp pixels
     peak_snr_range:         the central galaxy's noiseless peak, in white sky sigma, log-uniform on this range
                             (the galaxy and its neighbours are scaled together; the drawn magnitude is replaced)
+    psf_fwhm_factor:        the drawn seeing FWHM times this (None: 1, the SDSS seeing); the preset's own
+                            knob for how well resolved its galaxies are
     crowding, asymmetry, display: see the classes above
     pixel_units:            the stored images' units
     """
@@ -80,6 +82,7 @@ class SimulationPreset:
     family_fractions: dict | None = None
     half_light_radius_pix: tuple[float, float] | None = None
     peak_snr_range: tuple[float, float] | None = None
+    psf_fwhm_factor: float | None = None
     crowding: Crowding | None = None
     asymmetry: Asymmetry | None = None
     display: DisplayStretch | None = None
@@ -95,11 +98,12 @@ SDSS = SimulationPreset("sdss", "SDSS-like r-band stamps in nanomaggies (the pap
 DEEP_FIELD = SimulationPreset(
     "deep-field",
     "Hubble-Deep-Field-like display cutouts for pretraining before fine-tuning on `ingest --detect` stamps",
-    family_fractions={"grand_design_spiral": 0.15, "dusty_elliptical": 0.07, "distorted_spiral": 0.30,
-                      "edge_on_disk": 0.08, "irregular": 0.20, "sombrero": 0.04, "smooth_elliptical": 0.08,
-                      "lenticular": 0.08},
+    family_fractions={"grand_design_spiral": 0.10, "dusty_elliptical": 0.06, "distorted_spiral": 0.30,
+                      "edge_on_disk": 0.06, "irregular": 0.20, "sombrero": 0.04, "smooth_elliptical": 0.06,
+                      "lenticular": 0.08, "thin_disk": 0.10},
     half_light_radius_pix=(4.6, 5.5),
     peak_snr_range=(60.0, 250.0),
+    psf_fwhm_factor=0.6,
     crowding=Crowding(mean_count=7.0, star_fraction=0.15, mag_offset_range=(0.5, 5.0), mag_offset_slope=0.2,
                       min_distance_r50=1.0),
     asymmetry=Asymmetry(lopsidedness_range=(0.1, 0.4), clump_count_range=(3, 10), clump_fraction_range=(0.15, 0.3),
