@@ -15,8 +15,8 @@ f_mu(g_mu(x)) instead of the highest validation ELBO (``--checkpoint-metric mse`
 checkpoint is chosen on a validation subset of the training cutouts; the held-out ones are
 only scored.
 
-Run from the repository root (35 minutes from nothing on 2 CPU cores shared with other jobs; most of
-it the pretraining; the conv's 60 epochs took 9.5 and 10.1 min with seeds 1 and 2)::
+Run from the repository root (about 20 minutes from nothing on 2 CPU cores, most of it the conv's
+pretraining: with seed 1, 16 min 49 s with the two from-scratch runs reused, which take about 4 min)::
 
     python experiments/hdf_transfer.py --out runs/transfer --docs docs/transfer.md
 
