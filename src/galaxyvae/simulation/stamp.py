@@ -215,7 +215,8 @@ def render_stamp(spec: StampSpec, noise: bool = True) -> RenderedStamp:
         central = canvas.observe(canvas.shifted(galaxy, spec.galaxy["x_arcsec"] - cx, spec.galaxy["y_arcsec"] - cy), psf)
         if "peak_snr" in spec.galaxy:  # the sub-pixel shift moved the peak (by up to ~4% under sharp seeing)
             correction = spec.galaxy["peak_snr"] * sky_sigma_nmgy(spec.sky_mag_arcsec2) / float(central.max())
-            galaxy, central, flux_scale = galaxy * np.float32(correction), central * np.float32(correction), flux_scale * correction
+            galaxy, central = galaxy * np.float32(correction), central * np.float32(correction)
+            flux_scale *= correction
     others = neighbours_k(spec.neighbours)
     neighbours = canvas.observe(others, psf) if spec.neighbours else np.zeros_like(central)
     if flux_scale != 1.0:
