@@ -1,8 +1,8 @@
 """How elongated are the central galaxies of a data set? The deep-field preset's check against the
 Hubble Deep Field cutouts (docs/simulation.md, "thin disks").
 
-For each stamp: the sky level and noise are the median and 1.4826 x MAD of the 4-pixel border;
-SEP detects sources 3 sigma above it (at least 10 pixels), and the one nearest the stamp centre is
+For each stamp: the sky level and noise are the model's pixel scaling fitted on that stamp alone
+(``PixelScaling.fit``: median and 1.4826 x MAD of the border pixels); SEP detects sources 3 sigma above it (at least 10 pixels), and the one nearest the stamp centre is
 the central galaxy; its ellipticity is 1 - b/a from SEP's isophotal second moments. Prints, per
 data set, the 10/25/50/75/90th percentiles and the fractions above 0.5, 0.6 and 0.7::
 
@@ -17,9 +17,7 @@ import sys
 import numpy as np
 
 from galaxyvae.dataset import read_dataset
-
-BORDER = 4
-"""Width of the stamp border that gives the sky level and noise, pixels."""
+from galaxyvae.model import PixelScaling
 
 
 def central_ellipticity(image: np.ndarray) -> float:
@@ -27,11 +25,8 @@ def central_ellipticity(image: np.ndarray) -> float:
     import sep
 
     image = np.ascontiguousarray(image, dtype=np.float64)
-    border = np.concatenate([image[:BORDER].ravel(), image[-BORDER:].ravel(),
-                             image[:, :BORDER].ravel(), image[:, -BORDER:].ravel()])
-    sky = np.median(border)
-    noise = 1.4826 * np.median(np.abs(border - sky))
-    objects = sep.extract(image - sky, 3.0, err=noise, minarea=10)
+    sky = PixelScaling.fit(image[None])
+    objects = sep.extract(image - sky.offset, 3.0, err=sky.scale, minarea=10)
     if len(objects) == 0:
         return float("nan")
     centre_y, centre_x = (np.array(image.shape) - 1) / 2
