@@ -353,3 +353,20 @@ def test_deep_field_noise_is_sky_subtracted_and_correlated():
     pairs = empty[:, :, :-1] & empty[:, :, 1:]
     a, b = noise[:, :, :-1][pairs], noise[:, :, 1:][pairs]
     assert np.corrcoef(a, b)[0, 1] == pytest.approx(np.exp(-1 / (4 * 0.8 ** 2)), abs=0.08)
+
+
+def test_deep_field_asymmetry_is_added_to_its_share_of_galaxies_only():
+    from dataclasses import replace as replace_spec
+
+    from galaxyvae.simulation.presets import DEEP_FIELD
+
+    specs = [stamp.draw_stamp(4, i, preset="deep-field") for i in range(80)]
+    applied = [s for s in specs if s.galaxy["asymmetry"]["clump_fraction"] > 0]
+    untouched = [s for s in specs if s.galaxy["asymmetry"]["clump_fraction"] == 0]
+    # Binomial(80, share): outside this range with probability < 1e-3.
+    assert 0.42 < len(applied) / len(specs) < 0.78 and DEEP_FIELD.asymmetry.share == 0.6
+    assert all(s.galaxy["asymmetry"]["lopsidedness"] == 0 for s in untouched)
+    for spec, changed in ((untouched[0], False), (applied[0], True)):
+        without = replace_spec(spec, galaxy={k: v for k, v in spec.galaxy.items() if k != "asymmetry"})
+        same = np.array_equal(stamp.render_stamp(spec).central, stamp.render_stamp(without).central)
+        assert same != changed

@@ -36,11 +36,14 @@ def draw_peak_snr(rng: np.random.Generator, snr_range: tuple[float, float]) -> f
 
 
 def draw_asymmetry(rng: np.random.Generator, knobs: Asymmetry) -> dict:
-    """Parameters of the lopsidedness and off-centre clumps added to a galaxy of any family."""
-    return {"lopsidedness": round(float(rng.uniform(*knobs.lopsidedness_range)), 4),
+    """Parameters of the lopsidedness and off-centre clumps added to a galaxy of any family; for the
+    galaxies outside ``knobs.share`` they are drawn all the same (the stream stays aligned) and then
+    the lopsidedness and the clumps' light are set to 0, which ``add_asymmetry`` leaves untouched."""
+    applied = bool(rng.uniform() < knobs.share)
+    return {"lopsidedness": round(float(rng.uniform(*knobs.lopsidedness_range)), 4) * applied,
             "lopsided_phase_rad": round(float(rng.uniform(0, 2 * np.pi)), 4),
-            "clumps": int(rng.integers(knobs.clump_count_range[0], knobs.clump_count_range[1] + 1)),
-            "clump_fraction": round(float(rng.uniform(*knobs.clump_fraction_range)), 4),
+            "clumps": int(rng.integers(knobs.clump_count_range[0], knobs.clump_count_range[1] + 1)) * applied,
+            "clump_fraction": round(float(rng.uniform(*knobs.clump_fraction_range)), 4) * applied,
             "clump_sigma_arcsec": round(float(rng.uniform(*knobs.clump_sigma_arcsec_range)), 4),
             "clump_spread_r50": knobs.clump_spread_r50,
             "clump_seed": int(rng.integers(1, 2 ** 31 - 1)),
@@ -53,6 +56,8 @@ def add_asymmetry(k_galaxy: np.ndarray, galaxy: dict) -> np.ndarray:
     The total flux is kept: the body keeps (1 - clump_fraction) of it, the clumps the rest.
     """
     a = galaxy["asymmetry"]
+    if a["lopsidedness"] == 0 and a["clump_fraction"] == 0:
+        return k_galaxy
     x0, y0, pa, r50 = galaxy["x_arcsec"], galaxy["y_arcsec"], galaxy["position_angle_deg"], galaxy["half_light_radius_arcsec"]
     q = galaxy.get("axis_ratio", 1.0)
     flux = float(k_galaxy[0, 0].real)

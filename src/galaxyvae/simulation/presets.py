@@ -51,11 +51,13 @@ class Crowding:
 
 @dataclass(frozen=True)
 class Asymmetry:
-    """Lopsidedness and off-centre clumps added to every family: the galaxy's light times
+    """Lopsidedness and off-centre clumps added to a fraction ``share`` of the galaxies, of any family
+    (the others keep their family's own symmetry): the galaxy's light times
     1 + e (R / r50) cos(phi - phi0) with e uniform on ``lopsidedness_range``, and ``clump_count_range``
     Gaussian clumps (rms ``clump_sigma_arcsec_range``) holding ``clump_fraction_range`` of the light,
     spread like an exponential of half-light radius ``clump_spread_r50`` r50."""
 
+    share: float
     lopsidedness_range: tuple[float, float]
     clump_count_range: tuple[int, int]
     clump_fraction_range: tuple[float, float]
@@ -101,12 +103,12 @@ DEEP_FIELD = SimulationPreset(
     family_fractions={"grand_design_spiral": 0.10, "dusty_elliptical": 0.06, "distorted_spiral": 0.30,
                       "edge_on_disk": 0.06, "irregular": 0.20, "sombrero": 0.04, "smooth_elliptical": 0.06,
                       "lenticular": 0.08, "thin_disk": 0.10},
-    half_light_radius_pix=(4.6, 5.5),
+    half_light_radius_pix=(5.4, 6.5),
     peak_snr_range=(60.0, 250.0),
     psf_fwhm_factor=0.6,
     crowding=Crowding(mean_count=7.0, star_fraction=0.15, mag_offset_range=(0.5, 5.0), mag_offset_slope=0.2,
                       min_distance_r50=1.0),
-    asymmetry=Asymmetry(lopsidedness_range=(0.1, 0.4), clump_count_range=(3, 10), clump_fraction_range=(0.15, 0.3),
+    asymmetry=Asymmetry(share=0.6, lopsidedness_range=(0.1, 0.4), clump_count_range=(3, 10), clump_fraction_range=(0.15, 0.3),
                         clump_sigma_arcsec_range=(0.3, 0.6), clump_spread_r50=0.8),
     display=DisplayStretch(smoothing_sigma_pix=0.8, softening_sigma=7.0, sky_noise_levels=4.0, quantise=True),
     pixel_units="display levels of a simulated asinh stretch",
