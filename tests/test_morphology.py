@@ -6,7 +6,7 @@ from scipy import ndimage, optimize, special, stats
 
 from galaxyvae.cli import main
 from galaxyvae.config import ModelConfig, TrainConfig
-from galaxyvae.dataset import DatasetError
+from galaxyvae.dataset import DatasetError, read_dataset
 from galaxyvae.errors import OutputExistsError
 from galaxyvae.morphology import (QUANTITIES, STATISTICS, MorphologyConfig, MorphologyError, compare_morphology,
                                   measure_morphology, model_sample, read_data_sample, summarize_sample)
@@ -192,6 +192,36 @@ def test_model_samples_are_noisy_draws_from_the_decoder_and_repeat_by_seed(blob_
     standardised = (first.images - mean) / np.sqrt(variance)
     assert abs(standardised.mean()) < 0.02 and standardised.std() == pytest.approx(1.0, abs=0.02)
     assert first.data_path.resolve() == data.resolve()
+
+
+def test_aggregate_posterior_samples_draw_z_from_q_of_training_images(blob_run):
+    run_dir, data = blob_run
+    sample = model_sample(run_dir, 40, 3, latents="aggregate")
+    np.testing.assert_array_equal(model_sample(run_dir, 40, 3, latents="aggregate").images, sample.images)
+    assert not np.allclose(sample.images, model_sample(run_dir, 40, 3).images)
+    # The documented draws: 40 of the 24 training images (so with replacement), z ~ q(z|x), x ~ N(f_mu, f_sigma).
+    model, rng = load_run(run_dir), np.random.default_rng(3)
+    training = read_dataset(data, split="train").images
+    q_mean, q_variance = model.encode(training[rng.choice(len(training), size=40, replace=True)])
+    z = (q_mean + np.sqrt(q_variance) * rng.standard_normal(q_mean.shape)).astype(np.float32)
+    mean, variance = model.decode(z)
+    standardised = (sample.images - mean) / np.sqrt(variance)
+    assert abs(standardised.mean()) < 0.02 and standardised.std() == pytest.approx(1.0, abs=0.02)
+    assert "q(z|x) of training images" in sample.note
+
+
+def test_aggregate_posterior_samples_need_the_training_data(tmp_path, capsys):
+    data = write_blob_dataset(tmp_path / "gone.h5", n=12, n_held_out=2)
+    config = TrainConfig(epochs=1, batch_size=8, compile="off", threads=1, device="cpu", model=ModelConfig(hidden=8))
+    run_dir = train(data, tmp_path / "run", config, progress=False)
+    data.unlink()
+    with pytest.raises(MorphologyError, match="gone.h5 is not there"):
+        model_sample(run_dir, 4, latents="aggregate")
+    assert model_sample(run_dir, 4).images.shape == (4, SIZE, SIZE)  # the prior needs no data
+    with pytest.raises(MorphologyError, match="latents must be one of prior, aggregate"):
+        model_sample(run_dir, 4, latents="posterior")
+    assert main(["morphology", "--run", str(run_dir), "--latents", "aggregate", "--out", str(tmp_path / "o")]) == 2
+    assert "needs the run's training data" in capsys.readouterr().err
 
 
 def test_read_data_sample_draws_without_replacement_by_seed(tmp_path):

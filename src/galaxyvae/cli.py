@@ -304,6 +304,9 @@ def add_morphology(commands) -> None:
                    help="folder for morphology.png, morphology.md, morphology.csv, morphology_per_image.csv")
     p.add_argument("--n", type=int, default=300, help="images per data set and samples per run (default 300)")
     p.add_argument("--seed", type=int, default=0, help="seed choosing the images and drawing the model samples")
+    p.add_argument("--latents", choices=("prior", "aggregate"), default="prior",
+                   help="draw the runs' z from the prior N(0, I) (default) or from the aggregate posterior, "
+                        "q(z|x) of random training images of each run")
     p.add_argument("--reference", default=None,
                    help="sample name the KS distances are taken against (default: the first data set)")
     p.add_argument("--no-families", dest="by_family", action="store_false",
@@ -318,7 +321,7 @@ def run_morphology(args) -> int:
 
     comparison = morphology_report(args.data, args.runs, args.out, n=args.n, seed=args.seed, overwrite=args.overwrite,
                                    reference=args.reference, by_family=args.by_family, checkpoint=args.checkpoint,
-                                   progress=show_progress(args))
+                                   progress=show_progress(args), latents=args.latents)
     print(comparison.paths["morphology.md"].read_text(encoding="utf-8"))
     log.info("wrote %s", ", ".join(str(p) for p in comparison.paths.values()))
     return 0

@@ -647,40 +647,74 @@ def read_data_sample(path: str | Path, n: int, seed: int = 0, name: str | None =
     return Sample(name or path.stem, images, families, note, path)
 
 
+LATENT_SOURCES = ("prior", "aggregate")
+"""Where ``model_sample`` draws z from: the prior N(0, I), or the aggregate posterior (the mixture
+of q(z|x) over the run's training images)."""
+
+
 def model_sample(run_dir: str | Path, n: int, seed: int = 0, name: str | None = None, checkpoint: str = "best",
-                 device=None) -> Sample:
-    """``n`` noisy images from a trained run's generative model: z ~ N(0, I), then
-    x ~ N(f_mu(z), diag f_sigma(z)), both drawn from one numpy generator seeded by ``seed``.
+                 device=None, latents: str = "prior") -> Sample:
+    """``n`` noisy images from a trained run's generative model: z, then x ~ N(f_mu(z), diag f_sigma(z)),
+    every draw from one numpy generator seeded by ``seed``.
+
+    latents: "prior" draws z ~ N(0, I) (n x d standard normals); "aggregate" draws z from the
+             aggregate posterior: n training images of the run's data set, chosen with
+             ``rng.choice`` (with replacement only if there are fewer than n), then
+             z = g_mu(x) + sqrt(g_sigma(x)) * eps. A VAE whose q(z|x) covers only part of the prior
+             (as a large latent dimension trained on few images does) draws faint averages from the
+             prior; the aggregate posterior shows what it learned of its training images.
 
     Drawing the pixel noise makes model samples comparable with (noisy) data; f_mu(z) alone is a
     noiseless mean image whose statistics differ. Images are in the run's data-set units.
-    Raises InputError if the run directory or its checkpoint is unusable.
+    Raises InputError if the run directory, its checkpoint or (for "aggregate") its training data is unusable.
     """
     from galaxyvae.runs import load_run
 
     if n < 1:
         raise MorphologyError(f"n must be at least 1, not {n}")
+    if latents not in LATENT_SOURCES:
+        raise MorphologyError(f"latents must be one of {', '.join(LATENT_SOURCES)}, not {latents!r}")
     model = load_run(run_dir, device=device, checkpoint=checkpoint)
     rng = np.random.default_rng(seed)
-    z = rng.standard_normal((n, model.latent_dim)).astype(np.float32)
+    if latents == "prior":
+        z = rng.standard_normal((n, model.latent_dim)).astype(np.float32)
+        source = "z ~ N(0, I)"
+    else:
+        z = _aggregate_posterior_draws(model, run_dir, n, rng)
+        source = f"z ~ q(z|x) of training images of {model.data_path}"
     mean, variance = model.decode(z)
     images = mean + np.sqrt(variance) * rng.standard_normal(mean.shape).astype(np.float32)
     run_dir = Path(run_dir)
-    note = (f"{n} draws x ~ N(f_mu(z), f_sigma(z)), z ~ N(0, I) (seed {seed}) from {run_dir} "
+    note = (f"{n} draws x ~ N(f_mu(z), f_sigma(z)), {source} (seed {seed}) from {run_dir} "
             f"({checkpoint} checkpoint, epoch {model.epoch}), trained on {model.data_path}")
     return Sample(name or run_dir.name, images.astype(np.float32), None, note, model.data_path)
+
+
+def _aggregate_posterior_draws(model, run_dir: str | Path, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, d) float32 draws z ~ q(z|x), x chosen among the training split of the run's data set."""
+    from galaxyvae.dataset import read_dataset
+
+    data_path = model.data_path
+    if data_path is None or not Path(data_path).exists():
+        raise MorphologyError(f"{run_dir}: --latents aggregate needs the run's training data, and {data_path} "
+                              "is not there")
+    images = read_dataset(data_path, split="train").images
+    index = rng.choice(len(images), size=n, replace=n > len(images))
+    q_mean, q_variance = model.encode(images[index])
+    return (q_mean + np.sqrt(q_variance) * rng.standard_normal(q_mean.shape)).astype(np.float32)
 
 
 def morphology_report(data: list[str | Path], runs: list[str | Path], out_dir: str | Path, n: int = 300,
                       seed: int = 0, overwrite: bool = False, reference: str | None = None,
                       by_family: bool = True, checkpoint: str = "best", config: MorphologyConfig | None = None,
-                      progress: bool = False) -> Comparison:
+                      progress: bool = False, latents: str = "prior") -> Comparison:
     """Compare data sets and trained runs' samples: the ``galaxyvae morphology`` command.
 
     data: data-set files, each ``PATH`` (named by its stem) or ``NAME=PATH``; up to ``n`` images each
     runs: run directories, each ``PATH`` (named by its folder) or ``NAME=PATH``; ``n`` samples each,
           also compared with their training data where that file is among ``data``
     reference: the sample name KS distances are taken against (default: the first data set, else the first run)
+    latents: where the runs' z come from, "prior" or "aggregate" (see ``model_sample``)
     by_family: add per-family rows and a family figure for the first data set that has a family column
     Writes what ``compare_morphology`` writes into ``out_dir``; seeds make every draw repeatable.
     """
@@ -693,7 +727,7 @@ def morphology_report(data: list[str | Path], runs: list[str | Path], out_dir: s
         samples.append(read_data_sample(path, n, seed, name))
     for argument in runs:
         name, path = named_path(argument)
-        samples.append(model_sample(path, n, seed, name, checkpoint=checkpoint))
+        samples.append(model_sample(path, n, seed, name, checkpoint=checkpoint, latents=latents))
     names = [sample.name for sample in samples]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
