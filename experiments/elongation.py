@@ -2,9 +2,10 @@
 Hubble Deep Field cutouts (docs/simulation.md, "thin disks").
 
 For each stamp: the sky level and noise are the model's pixel scaling fitted on that stamp alone
-(``PixelScaling.fit``: median and 1.4826 x MAD of the border pixels); SEP detects sources 3 sigma above it (at least 10 pixels), and the one nearest the stamp centre is
-the central galaxy; its ellipticity is 1 - b/a from SEP's isophotal second moments. Prints, per
-data set, the 10/25/50/75/90th percentiles and the fractions above 0.5, 0.6 and 0.7::
+(``PixelScaling.fit``: median and 1.4826 x MAD of the border pixels); SEP detects sources 3 sigma
+above it (at least 10 pixels), and the one nearest the stamp centre is the central galaxy; its
+ellipticity is 1 - b/a from SEP's isophotal second moments. Prints, per data set, the
+10/25/50/75/90th percentiles and the fractions above 0.5, 0.6 and 0.7::
 
     python experiments/elongation.py hdf=runs/transfer_v/hdf.h5 deep=runs/transfer_thin/survey.h5 --n 3000
 """

@@ -108,8 +108,8 @@ DEEP_FIELD = SimulationPreset(
     psf_fwhm_factor=0.6,
     crowding=Crowding(mean_count=7.0, star_fraction=0.15, mag_offset_range=(0.5, 5.0), mag_offset_slope=0.2,
                       min_distance_r50=1.0),
-    asymmetry=Asymmetry(share=0.6, lopsidedness_range=(0.1, 0.4), clump_count_range=(3, 10), clump_fraction_range=(0.15, 0.3),
-                        clump_sigma_arcsec_range=(0.3, 0.6), clump_spread_r50=0.8),
+    asymmetry=Asymmetry(share=0.6, lopsidedness_range=(0.1, 0.4), clump_count_range=(3, 10),
+                        clump_fraction_range=(0.15, 0.3), clump_sigma_arcsec_range=(0.3, 0.6), clump_spread_r50=0.8),
     display=DisplayStretch(smoothing_sigma_pix=0.8, softening_sigma=7.0, sky_noise_levels=4.0, quantise=True),
     pixel_units="display levels of a simulated asinh stretch",
 )
