@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             label = str(pretrained) + (f" → f_σ refitted under {refit_ceiling:g}" if refit_ceiling else "")
             results[label] = {"pixel_variance_max": ceiling,
                               "likelihood": likelihood_win_fractions(log_likelihood, fits),
-                              **{kind: mse_win_fractions(values, fits) for kind, values in mse.items()}}
+                              **{kind: mse_win_fractions(values, fits) for kind, values in mse.items()},
+                              "amortised_mse_per_cutout": mse["amortised"].tolist()}
     suffix = f"-ceiling{args.finetune_ceiling:g}" if args.finetune_ceiling else ""
     suffix += "".join(f"-{key}{value}" for key, value in args.finetune.items())
     write_json_atomic(args.out / f"results-{args.checkpoint_metric}{suffix}.json",
@@ -178,8 +179,13 @@ def pixel_mse(model_images: np.ndarray, images: np.ndarray) -> np.ndarray:
 
 
 def mse_win_fractions(mse: np.ndarray, fits: dict[str, np.ndarray]) -> dict[str, float]:
-    """Fraction of cutouts on which ``mse`` is below each fit's."""
-    return {f"mse_win_{name}": float(np.mean(mse < fits[name])) for name in ("gaussian", "sersic")}
+    """Fraction of cutouts on which ``mse`` is below each fit's, and the mean over cutouts of
+    log(mse / fit's MSE), which also counts by how much each cutout is won or lost."""
+    scores = {}
+    for name in ("gaussian", "sersic"):
+        scores[f"mse_win_{name}"] = float(np.mean(mse < fits[name]))
+        scores[f"mean_log_mse_ratio_{name}"] = float(np.mean(np.log(mse / fits[name])))
+    return scores
 
 
 def likelihood_win_fractions(log_likelihood: np.ndarray, fits: dict[str, np.ndarray]) -> dict[str, float]:
@@ -192,13 +198,15 @@ def render(results: dict, n: int, folds: int) -> str:
     """A Markdown table of the cross-validated likelihood and MSE wins."""
     lines = [f"{folds}-fold cross-validation over the {n} training cutouts (held-out cutouts not used). "
              "Wins against the Gaussian / Sérsic fits:", "",
-             "| pretrained run | f_σ ceiling | likelihood, amortised | MSE, amortised f_μ(g_μ(x)) | MSE, MAP z* "
-             "| MSE, MSE-optimal z |", "|---|---:|---:|---:|---:|---:|"]
+             "| pretrained run | f_σ ceiling | likelihood, amortised | MSE, amortised f_μ(g_μ(x)) "
+             "| mean log MSE ratio, amortised | MSE, MAP z* | MSE, MSE-optimal z |", "|---|---:|---:|---:|---:|---:|---:|"]
     for run, row in results.items():
         likelihood = row["likelihood"]
         cells = [f"{likelihood['likelihood_win_gaussian']:.1%} / {likelihood['likelihood_win_sersic']:.1%}"]
         cells += [f"{row[kind]['mse_win_gaussian']:.1%} / {row[kind]['mse_win_sersic']:.1%}" if kind in row else "—"
                   for kind in ("amortised", "map", "mse_optimal")]
+        amortised = row["amortised"]
+        cells.insert(2, f"{amortised['mean_log_mse_ratio_gaussian']:.3f} / {amortised['mean_log_mse_ratio_sersic']:.3f}")
         lines.append(f"| `{run}` | {row['pixel_variance_max']:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

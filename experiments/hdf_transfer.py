@@ -70,7 +70,9 @@ class Variant:
 
     @property
     def label(self) -> str:
-        arch = {"mlp": "the paper's MLP", "conv": "conv"}[self.arch] + f" (z = {MODELS[self.arch].latent_dim})"
+        model = MODELS[self.arch]
+        shape = f"z = {model.latent_dim}" + ("" if self.arch == "mlp" else f", {model.hidden} hidden units")
+        arch = {"mlp": "the paper's MLP", "conv": "conv"}[self.arch] + f" ({shape})"
         label = f"{arch}, {'pretrained on the simulation + fine-tuned' if self.pretrained else 'from scratch'}"
         label += "" if self.checkpoint_metric == "elbo" else ", checkpoint by validation MSE"
         return label + ("" if self.refit_sigma else ", **f_σ not refitted**")
@@ -80,10 +82,10 @@ VARIANTS = (Variant("mlp", False), Variant("conv", False), Variant("mlp", True),
             Variant("conv", True, refit_sigma=False), Variant("mlp", True, "mse"), Variant("conv", True, "mse"))
 
 MODELS = {"mlp": ModelConfig(pixel_variance_max=DISPLAY_PIXEL_VARIANCE_MAX),
-          "conv": ModelConfig(arch="conv", latent_dim=64, pixel_variance_max=DISPLAY_PIXEL_VARIANCE_MAX)}
-"""Model shapes: the paper's MLP (z = 8) and the conv VAE with z = 64 (chosen by cross-validation,
-docs/transfer.md); both per-pixel variance, with the ceiling for display levels (the cutouts and the
-deep-field survey are both stretched pictures)."""
+          "conv": ModelConfig(arch="conv", latent_dim=64, hidden=512, pixel_variance_max=DISPLAY_PIXEL_VARIANCE_MAX)}
+"""Model shapes: the paper's MLP (z = 8) and the conv VAE with z = 64 and two dense layers of 512 units
+around it (both chosen by cross-validation, docs/transfer.md); both per-pixel variance, with the ceiling
+for display levels (the cutouts and the deep-field survey are both stretched pictures)."""
 
 SCRATCH = TrainConfig(epochs=300, batch_size=16, augment=True, augment_shift=2, compile="off",
                       validation_fraction=0.15)
@@ -275,7 +277,8 @@ def describe_run(run_dir: Path) -> str:
     config = json.loads((run_dir / "config.json").read_text())
     attrs = json.loads((run_dir / "data.json").read_text()).get("attrs", {})
     model = config["model"]
-    return (f"pretrained {config['epochs']} epochs, {model['arch']} z = {model['latent_dim']}, on "
+    shape = f"z = {model['latent_dim']}" + (f", {model['hidden']} hidden units" if model["arch"] == "conv" else "")
+    return (f"pretrained {config['epochs']} epochs, {model['arch']} {shape}, on "
             f"`{Path(config['data']).name}` ({attrs.get('n_images', '?')} stamps, preset "
             f"{attrs.get('preset', 'sdss')})")
 
