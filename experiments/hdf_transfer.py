@@ -15,8 +15,9 @@ f_mu(g_mu(x)) instead of the highest validation ELBO (``--checkpoint-metric mse`
 checkpoint is chosen on a validation subset of the training cutouts; the held-out ones are
 only scored.
 
-Run from the repository root (about 20 minutes from nothing on 2 CPU cores, most of it the conv's
-pretraining: with seed 1, 16 min 49 s with the two from-scratch runs reused, which take about 4 min)::
+Run from the repository root (about 30 minutes from nothing on 2 CPU cores, most of it the conv's
+pretraining: 1.5 min to ingest and simulate, 17.5 min for the conv's pretraining, 9.5 min for the rest
+with seed 0)::
 
     python experiments/hdf_transfer.py --out runs/transfer --docs docs/transfer.md
 
