@@ -199,14 +199,16 @@ def render(results: dict, n: int, folds: int) -> str:
     lines = [f"{folds}-fold cross-validation over the {n} training cutouts (held-out cutouts not used). "
              "Wins against the Gaussian / Sérsic fits:", "",
              "| pretrained run | f_σ ceiling | likelihood, amortised | MSE, amortised f_μ(g_μ(x)) "
-             "| mean log MSE ratio, amortised | MSE, MAP z* | MSE, MSE-optimal z |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| mean log MSE ratio, amortised | MSE, MAP z* | MSE, MSE-optimal z |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for run, row in results.items():
         likelihood = row["likelihood"]
         cells = [f"{likelihood['likelihood_win_gaussian']:.1%} / {likelihood['likelihood_win_sersic']:.1%}"]
         cells += [f"{row[kind]['mse_win_gaussian']:.1%} / {row[kind]['mse_win_sersic']:.1%}" if kind in row else "—"
                   for kind in ("amortised", "map", "mse_optimal")]
         amortised = row["amortised"]
-        cells.insert(2, f"{amortised['mean_log_mse_ratio_gaussian']:.3f} / {amortised['mean_log_mse_ratio_sersic']:.3f}")
+        cells.insert(2, f"{amortised['mean_log_mse_ratio_gaussian']:.3f} / "
+                        f"{amortised['mean_log_mse_ratio_sersic']:.3f}")
         lines.append(f"| `{run}` | {row['pixel_variance_max']:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
